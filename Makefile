@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine:  `make test`  and  `make demo`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?= -m "not gpu"
+
+.PHONY: venv test test-fast demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# torch-fidelity's Inception port is used without torchvision (see evaluations/inception.py).
+	$(BIN)/pip install -q --no-deps -c constraints.txt torch-fidelity
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed and not slurm"
+
+clean:
+	rm -rf $(VENV) runs/demo .pytest_cache
