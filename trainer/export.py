@@ -1,0 +1,132 @@
+"""Consolidated weights that leave the trainer: safetensors + JSON config.
+
+    python -m trainer.export RUN_DIR --ema 0.9999 --out model.safetensors
+
+writes `model.safetensors` (fp32 state dict) and `model.json`
+`{"model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int, "ema": str}`.
+Checkpoints keep EMA and model weights already consolidated (gathered across ZeRO partitions when saved),
+so export works from any ZeRO stage without DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from trainer.errors import UsageError, die
+from trainer.fsio import atomic_save_safetensors, atomic_write_json
+
+
+def json_path_for(path: str) -> str:
+    """`model.safetensors` -> `model.json`."""
+    root, _ = os.path.splitext(path)
+    return root + ".json"
+
+
+def save_exported(path: str, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                  diffusion_kwargs: dict[str, Any], *, step: int, ema: str) -> tuple[str, str]:
+    """Write `path` (safetensors, fp32 tensors) and its JSON sibling atomically; return both paths.
+
+    `ema` names the weights: an EMA rate such as "0.9999", or "model" for the raw (non-averaged) weights.
+    """
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    atomic_save_safetensors(path, tensors, metadata={"format": "pt", "ema": str(ema), "step": str(int(step))})
+    meta = {"model": dict(model_config), "diffusion": dict(diffusion_kwargs), "step": int(step), "ema": str(ema)}
+    jpath = json_path_for(path)
+    atomic_write_json(jpath, meta)
+    return path, jpath
+
+
+def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Load an exported model -> (model in eval mode on `device`, diffusion kwargs, full meta dict).
+
+    No pickle is involved: safetensors for tensors, JSON for the configuration.
+    """
+    from safetensors.torch import load_file
+    from diffusion.presets import create_model_from_config
+    jpath = json_path_for(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported weights at {path}")
+    if not os.path.isfile(jpath):
+        raise FileNotFoundError(f"no JSON config next to the weights: expected {jpath}")
+    with open(jpath) as f:
+        meta = json.load(f)
+    model = create_model_from_config(meta["model"])
+    state = load_file(path, device="cpu")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return model, dict(meta["diffusion"]), meta
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def resolve_checkpoint(run_dir: str) -> str:
+    """RUN_DIR (or a checkpoint folder) -> the checkpoint folder to export from."""
+    if os.path.isfile(os.path.join(run_dir, "meta.json")):
+        return run_dir
+    ck = os.path.join(run_dir, "checkpoints")
+    latest = os.path.join(ck, "latest")
+    if not os.path.isfile(latest):
+        raise UsageError(f"no checkpoint in {run_dir} (expected {latest}); train first or pass a checkpoint folder")
+    with open(latest) as f:
+        name = f.read().strip()
+    path = os.path.join(ck, name)
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        raise UsageError(f"{latest} points to {path}, which is not a complete checkpoint")
+    return path
+
+
+def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
+    """Export EMA rate `ema` (or "model") from the latest checkpoint of `run_dir` to `out`."""
+    from safetensors.torch import load_file
+    ckpt = resolve_checkpoint(run_dir)
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    rates = [str(r) for r in meta.get("ema_rates", [])]
+    if ema == "model":
+        src = os.path.join(ckpt, "model.safetensors")
+    else:
+        try:
+            key = next(r for r in rates if float(r) == float(ema))
+        except (StopIteration, ValueError):
+            raise UsageError(f"--ema {ema}: this run keeps EMA rates {','.join(rates) or '(none)'}; "
+                             f"pick one of them or 'model'") from None
+        src = os.path.join(ckpt, f"ema_{key}.safetensors")
+    if not os.path.isfile(src):
+        raise UsageError(f"checkpoint {ckpt} lacks {os.path.basename(src)}")
+    state = load_file(src, device="cpu")
+    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]),
+                         ema=ema if ema == "model" else key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.export",
+                                description="Export consolidated (EMA) weights of a training run to safetensors + JSON.")
+    p.add_argument("run_dir", help="training run folder (its checkpoints/latest is used) or one checkpoint folder")
+    p.add_argument("--ema", default=None,
+                   help="EMA rate to export, e.g. 0.9999 (default: the run's first rate); 'model' for raw weights")
+    p.add_argument("--out", default=None, help="output .safetensors path (default RUN_DIR/model_ema<rate>.safetensors)")
+    a = p.parse_args(argv)
+    try:
+        if a.ema is None:
+            ckpt = resolve_checkpoint(a.run_dir)
+            with open(os.path.join(ckpt, "meta.json")) as f:
+                rates = json.load(f).get("ema_rates", [])
+            a.ema = str(rates[0]) if rates else "model"
+        out = a.out or os.path.join(a.run_dir, f"model_ema{a.ema}.safetensors")
+        if not out.endswith(".safetensors"):
+            raise UsageError(f"--out {out}: the file name must end in .safetensors")
+        w, j = export_run(a.run_dir, a.ema, out)
+    except UsageError as e:
+        die(str(e), "trainer.export")
+    print(f"wrote {w} and {j}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
