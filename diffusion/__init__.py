@@ -1,1 +1,38 @@
-"""diffusion package."""
+"""The mathematics of Improved DDPM: schedules, Gaussian diffusion, respacing, guidance, timestep samplers.
+
+The network (diffusion.unet, diffusion.presets) is imported separately; this package never imports it.
+"""
+from __future__ import annotations
+
+from .gaussian_diffusion import LOSS_TYPES, GaussianDiffusion
+from .guidance import ClassifierFreeGuidance, classifier_cond_fn
+from .respace import SpacedDiffusion
+from .schedules import SCHEDULES, get_named_beta_schedule, space_timesteps
+from .timestep_samplers import LossSecondMomentResampler, UniformSampler, create_timestep_sampler
+
+__all__ = [
+    "GaussianDiffusion", "SpacedDiffusion", "ClassifierFreeGuidance", "classifier_cond_fn", "create_diffusion",
+    "get_named_beta_schedule", "space_timesteps", "create_timestep_sampler", "UniformSampler",
+    "LossSecondMomentResampler",
+]
+
+
+def create_diffusion(*, steps: int = 4000, noise_schedule: str = "cosine", learn_sigma: bool = True,
+                     sigma_small: bool = False, loss: str = "hybrid", vlb_weight: float = 0.001,
+                     predict_xstart: bool = False, timestep_respacing: str | list[int] = "") -> GaussianDiffusion:
+    """The diffusion of Improved DDPM from the usual flags.
+
+    learn_sigma -> "learned_range" variance (model outputs 2*C channels); else sigma_small -> beta~_t, else beta_t.
+    loss in ("simple", "hybrid", "vlb"); vlb_weight is lambda in L_simple + lambda * L_vlb (0.001 in the paper).
+    timestep_respacing "" keeps all `steps` (a plain GaussianDiffusion), else a SpacedDiffusion (see
+    space_timesteps: "250", "10,15,20", "ddim50").
+    """
+    if loss not in LOSS_TYPES:
+        raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSS_TYPES)}")
+    betas = get_named_beta_schedule(noise_schedule, steps)
+    kwargs = dict(betas=betas, model_mean_type="xstart" if predict_xstart else "epsilon",
+                  model_var_type="learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large"),
+                  loss_type=loss, vlb_weight=vlb_weight)
+    if timestep_respacing in ("", None):
+        return GaussianDiffusion(**kwargs)
+    return SpacedDiffusion(space_timesteps(steps, timestep_respacing), **kwargs)
