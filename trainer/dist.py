@@ -1,0 +1,79 @@
+"""Launch discovery and process-group set-up for every launcher.
+
+`deepspeed` launcher: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* are already set.
+`srun`: SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS give the ranks; MASTER_ADDR/MASTER_PORT come from the environment
+(the sbatch script sets them). `mpiexec`: ranks come from mpi4py, rank 0's address and a free port are broadcast.
+No launcher: one rank on 127.0.0.1 and a free port. CPU uses gloo, CUDA uses NCCL (DeepSpeed's accelerator choice).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from trainer.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    local_rank: int
+    world: int
+    launcher: str  # deepspeed/torchrun | slurm | mpi | none
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _under_mpi() -> bool:
+    return any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"))
+
+
+def discover() -> Launch:
+    """Work out rank/local rank/world from the environment and export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launch = Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "deepspeed/torchrun")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _under_mpi():
+        launch = Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
+        if launch.world > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+            raise UsageError("under srun with several tasks, export MASTER_ADDR (first node's address) and MASTER_PORT")
+    elif _under_mpi():
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        addr, port = None, None
+        if comm.rank == 0:
+            addr = env.get("MASTER_ADDR") or ("127.0.0.1" if comm.size == 1 else socket.gethostbyname(socket.gethostname()))
+            port = env.get("MASTER_PORT") or str(_free_port())
+        addr, port = comm.bcast((addr, port), root=0)
+        env["MASTER_ADDR"], env["MASTER_PORT"] = addr, port
+        launch = Launch(comm.rank, local, comm.size, "mpi")
+    else:
+        launch = Launch(0, 0, 1, "none")
+    env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = str(launch.rank), str(launch.local_rank), str(launch.world)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if launch.world > 1:
+            raise UsageError("MASTER_PORT is not set for a multi-rank run; export MASTER_ADDR and MASTER_PORT")
+        env["MASTER_PORT"] = str(_free_port())
+    return launch
+
+
+def init(launch: Launch) -> "torch.device":
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA); return this rank's device."""
+    import torch
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_init_required=True, auto_mpi_discovery=False,
+                               dist_backend=acc.communication_backend_name())
+    return device
