@@ -28,6 +28,9 @@ NODES = ("node1", "node2")
 CPUS_PER_NODE = 2
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+# Pending reasons that mean the request cannot be met by this cluster: fail at once instead of timing out.
+NEVER_RUNS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit",
+              "DependencyNeverSatisfied", "InvalidAccount", "InvalidQOS"}
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
@@ -257,6 +260,9 @@ class SlurmCluster:
             recs = self.job(job_id)
             if recs and all(r.get("JobState") in states for r in recs):
                 return recs
+            stuck = [r for r in recs if r.get("JobState") == "PENDING" and r.get("Reason") in NEVER_RUNS]
+            if stuck:
+                raise RuntimeError(f"job {stuck[0].get('JobId')} can never run here: Reason={stuck[0]['Reason']}")
             if release_requeued:
                 for r in recs:
                     if r.get("JobState") == "PENDING" and int(r.get("Restarts", "0")) > 0 \
