@@ -1,0 +1,481 @@
+"""Convert image data sets into tar shards + a manifest (resumable, atomic, parallel).
+
+    python -m data.prepare npz-batches --out DIR --name train Imagenet64_train/train_data_batch_*.npz
+    python -m data.prepare folder --out DIR --name train /imagenet/train --size 64
+    python -m data.prepare npz --out DIR --name ref VIRTUAL_imagenet64_labeled.npz
+    python -m data.prepare digits --out DIR --size 16
+
+Writes ``DIR/NAME-000000.tar ...`` (``--shard-size`` samples each, keys = global sample index) and
+``DIR/NAME-manifest.json`` last, so a manifest means "complete". A shard appears only by an atomic rename, so
+re-running after a crash rewrites only the missing shards; a complete data set is never touched without
+``--overwrite``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .cli import ArgumentParser, fail
+from .errors import DataError
+from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, atomic_write_bytes, atomic_write_json, iter_tar,
+                     split_key, write_shard)
+
+IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------- image helpers
+def center_crop_area(img: Image.Image, size: int) -> np.ndarray:
+    """Centre crop to a square, then area (box-filter) resize to size x size. -> uint8 [size, size, 3]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    if s != size:
+        img = img.resize((size, size), resample=Image.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def center_crop_adm(img: Image.Image, size: int) -> np.ndarray:
+    """improved-diffusion/ADM loader: halve with a box filter while the short side >= 2 size, bicubic-resize
+    the short side to ``size``, then centre crop. -> uint8 [size, size, 3]."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+RESIZERS: dict[str, Callable[[Image.Image, int], np.ndarray]] = {"area": center_crop_area, "adm": center_crop_adm}
+
+
+def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (0..16) -> uint8 [1797, size, size, 3] (bicubic upscale, grey as RGB), labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits data set needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    small = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BICUBIC)) for im in small])
+    return np.repeat(big[..., None], 3, axis=3), d.target.astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------- the writer
+@dataclass
+class Job:
+    """One shard to write. Either ``images`` (uint8 [n, H, W, 3]) or ``files`` to decode and resize."""
+
+    index: int
+    path: str
+    keys: list[str]
+    labels: np.ndarray | None
+    images: np.ndarray | None = None
+    files: list[str] | None = None
+    size: int = 0
+    resize: str = "area"
+
+
+def run_job(job: Job) -> tuple[dict, list[str]]:
+    """Write one shard (in a worker process). Returns its manifest entry and the files it had to skip."""
+    keys, labels, images, skipped = job.keys, job.labels, job.images, []
+    if job.files is not None:
+        imgs, keep = [], []
+        for i, f in enumerate(job.files):
+            try:
+                with Image.open(f) as im:
+                    imgs.append(RESIZERS[job.resize](im, job.size))
+                keep.append(i)
+            except Exception as e:  # one unreadable JPEG must not end a day-long conversion
+                skipped.append(f"{f}: {type(e).__name__}: {str(e)[:80]}")
+        keys = [keys[i] for i in keep]
+        labels = None if labels is None else labels[keep]
+        images = np.stack(imgs) if imgs else np.zeros((0, job.size, job.size, 3), np.uint8)
+    entry = write_shard(job.path, keys, images, labels)
+    return entry, skipped
+
+
+def _existing_entry(path: str) -> dict | None:
+    """Manifest entry for a shard already on disk (a finished earlier run), or None if it cannot be parsed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        keys = {split_key(name)[0] for name, _, _ in iter_tar(data)}
+    except Exception:
+        return None
+    return {"path": os.path.basename(path), "samples": len(keys), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass
+class Dataset:
+    """Everything about one output data set except the pixels."""
+
+    out: str
+    name: str
+    total: int  # input samples (before skipping unreadable files)
+    shard_size: int
+    image_size: tuple[int, int]
+    num_classes: int
+    source: str
+    settings: dict
+    class_names: list[str] | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # file name -> text, written with the manifest
+
+    def shard_path(self, i: int) -> str:
+        return os.path.join(self.out, f"{self.name}-{i:06d}.tar")
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.out, self.name + MANIFEST_SUFFIX)
+
+    @property
+    def num_shards(self) -> int:
+        return (self.total + self.shard_size - 1) // self.shard_size
+
+
+def check_out(ds: Dataset, overwrite: bool) -> None:
+    """Refuse to touch a complete data set without --overwrite; with it, delete the old one first."""
+    os.makedirs(ds.out, exist_ok=True)
+    progress = os.path.join(ds.out, f".{ds.name}-progress.json")
+    if overwrite:
+        for p in glob.glob(os.path.join(glob.escape(ds.out), f"{glob.escape(ds.name)}-[0-9]*.tar")):
+            os.unlink(p)
+        for p in (ds.manifest_path, progress):
+            if os.path.exists(p):
+                os.unlink(p)
+    elif os.path.exists(ds.manifest_path):
+        raise DataError(f"{ds.manifest_path} already exists (a complete data set): pass --overwrite to rebuild it")
+    if os.path.exists(progress):
+        with open(progress) as f:
+            old = json.load(f)
+        if old != ds.settings:
+            raise DataError(f"{ds.out} holds a partial '{ds.name}' data set made with other settings "
+                            f"({progress}): pass --overwrite to start again")
+    else:
+        atomic_write_json(progress, ds.settings)
+
+
+def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool = True) -> dict:
+    """Write the shards (skipping complete ones), then the manifest. Returns the manifest."""
+    from tqdm import tqdm
+
+    entries: dict[int, dict] = {}
+    skipped: list[str] = []
+    bar = tqdm(total=ds.total, unit="img", desc=f"{ds.name}", disable=not progress, file=sys.stderr)
+
+    def done(entry: dict, skip: list[str], index: int, n: int) -> None:
+        entries[index] = entry
+        skipped.extend(skip)
+        bar.update(n)
+
+    pool = cf.ProcessPoolExecutor(workers) if workers > 0 else None
+    pending: dict[cf.Future, tuple[int, int]] = {}
+    try:
+        for job in jobs:
+            if pool is None:
+                done(*run_job(job), job.index, len(job.keys))
+                continue
+            pending[pool.submit(run_job, job)] = (job.index, len(job.keys))
+            while len(pending) >= 2 * workers:  # bounded: never hold the whole data set in memory
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    done(*fut.result(), *pending.pop(fut))
+        for fut in cf.as_completed(list(pending)):
+            done(*fut.result(), *pending.pop(fut))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for i in range(ds.num_shards):  # shards finished by an earlier run
+        if i not in entries:
+            entries[i] = _existing_entry(ds.shard_path(i))  # type: ignore[assignment]
+    shards = [entries[i] for i in range(ds.num_shards)]
+    for name, text in ds.extra_files.items():
+        atomic_write_bytes(os.path.join(ds.out, name), text.encode())
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "name": ds.name, "encoding": "npy",
+        "image_size": list(ds.image_size), "channels": 3, "num_classes": ds.num_classes,
+        "class_names": ds.class_names, "total": sum(s["samples"] for s in shards), "shard_size": ds.shard_size,
+        "source": ds.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped": len(skipped), "skipped_examples": skipped[:20], "shards": shards,
+    }
+    atomic_write_json(ds.manifest_path, manifest)
+    progress_file = os.path.join(ds.out, f".{ds.name}-progress.json")
+    if os.path.exists(progress_file):
+        os.unlink(progress_file)
+    return manifest
+
+
+def _todo(ds: Dataset) -> list[int]:
+    """Shards still to write: those not on disk or not parseable."""
+    return [i for i in range(ds.num_shards)
+            if not os.path.exists(ds.shard_path(i)) or _existing_entry(ds.shard_path(i)) is None]
+
+
+def array_jobs(ds: Dataset, chunks: Iterator[tuple[int, np.ndarray, np.ndarray | None]]) -> Iterator[Job]:
+    """Cut a stream of (first_index, images uint8 [n, H, W, 3], labels [n] | None) into shard jobs."""
+    todo = set(_todo(ds))
+    S = ds.shard_size
+    buf_i: list[np.ndarray] = []
+    buf_l: list[np.ndarray] = []
+    start = 0  # global index of buf's first sample
+    have = 0
+    for first, imgs, labels in chunks:
+        assert first == start + have, "chunks must be contiguous"
+        buf_i.append(imgs)
+        if labels is not None:
+            buf_l.append(labels)
+        have += len(imgs)
+        while have >= S or (have and start + have == ds.total):
+            imgs_all = np.concatenate(buf_i) if len(buf_i) > 1 else buf_i[0]
+            labs_all = (np.concatenate(buf_l) if len(buf_l) > 1 else buf_l[0]) if buf_l else None
+            n = min(S, have)
+            idx = start // S
+            if idx in todo:
+                yield Job(idx, ds.shard_path(idx), [f"{start + k:09d}" for k in range(n)],
+                          None if labs_all is None else labs_all[:n].copy(), images=imgs_all[:n].copy())
+            buf_i, buf_l = [imgs_all[n:]], ([labs_all[n:]] if labs_all is not None else [])
+            start, have = start + n, have - n
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _load_npz(path: str) -> np.lib.npyio.NpzFile:
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
+
+
+def _npz_header(path: str, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of array ``key`` in an .npz without reading its data (None if absent)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if key + ".npy" not in zf.namelist():
+                return None
+            with zf.open(key + ".npy") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = np.lib.format._read_array_header(f, version)
+                return shape, dtype
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
+
+
+def prepare_npz_batches(args) -> list[dict]:
+    """Downsampled-ImageNet batches: ``data`` uint8 [N, 3*S*S] channel-planar, ``labels`` 1..1000."""
+    files = list(args.inputs)
+    sizes, side = [], None
+    for f in files:  # headers only: validate all inputs before writing anything
+        if not os.path.isfile(f):
+            raise DataError(f"no such file: {f}")
+        data, labels = _npz_header(f, "data"), _npz_header(f, "labels")
+        if data is None or labels is None:
+            raise DataError(f"{f} has no 'data' and 'labels' arrays: is it a Downsampled-ImageNet batch?")
+        n, d = data[0] if len(data[0]) == 2 else (0, 0)
+        s = int(round((d / 3) ** 0.5))
+        if data[1] != np.uint8 or 3 * s * s != d or n == 0:
+            raise DataError(f"{f}: 'data' must be uint8 [N, 3*S*S], got {data[1]} {data[0]}")
+        if side not in (None, s):
+            raise DataError(f"{f}: images are {s} px but earlier batches are {side} px")
+        side = s
+        sizes.append(n)
+    ds = Dataset(args.out, args.name, sum(sizes), args.shard_size, (side, side), 1000,
+                 "npz-batches: " + ", ".join(os.path.basename(f) for f in files),
+                 {"kind": "npz-batches", "inputs": [os.path.abspath(f) for f in files], "shard_size": args.shard_size})
+    check_out(ds, args.overwrite)
+    todo = set(_todo(ds))
+
+    def chunks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        first = 0
+        for f, n in zip(files, sizes):
+            shards = range(first // ds.shard_size, (first + n - 1) // ds.shard_size + 1)
+            if any(i in todo for i in shards):  # skip reading batches whose shards are all done
+                z = _load_npz(f)
+                labels = np.asarray(z["labels"]).astype(np.int64).reshape(-1) - 1  # 1..1000 -> 0..999
+                if len(labels) != n or labels.min() < 0 or labels.max() > 999:
+                    raise DataError(f"{f}: labels must be {n} values in 1..1000")
+                imgs = z["data"].reshape(n, 3, side, side).transpose(0, 2, 3, 1)  # planar -> HWC
+            else:
+                imgs, labels = np.zeros((n, side, side, 3), np.uint8), np.zeros(n, np.int64)  # never written
+            yield first, imgs, labels
+            first += n
+
+    return [write_dataset(ds, array_jobs(ds, chunks()), args.workers, args.progress)]
+
+
+def prepare_npz(args) -> list[dict]:
+    """Any npz of uint8 NHWC images (``arr_0``) with optional labels (``arr_1``)."""
+    z = _load_npz(args.input)
+    if args.images_key not in z.files:
+        raise DataError(f"{args.input} has no array {args.images_key!r} (found {z.files})")
+    imgs = z[args.images_key]
+    if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[3] not in (1, 3)):
+        raise DataError(f"{args.images_key} must be uint8 [N, H, W, 3] (or [N, H, W]), got {imgs.dtype} {imgs.shape}")
+    if imgs.ndim == 3:
+        imgs = imgs[..., None]
+    if imgs.shape[3] == 1:
+        imgs = np.repeat(imgs, 3, axis=3)
+    labels, num_classes = None, 0
+    if args.labels_key in z.files and not args.no_labels:
+        labels = np.asarray(z[args.labels_key]).reshape(-1)
+        if len(labels) != len(imgs) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+            raise DataError(f"{args.labels_key} must hold {len(imgs)} non-negative integers")
+        labels = labels.astype(np.int64)
+        num_classes = args.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
+        if len(labels) and labels.max() >= num_classes:
+            raise DataError(f"labels reach {labels.max()} but --num-classes is {num_classes}")
+    ds = Dataset(args.out, args.name, len(imgs), args.shard_size, imgs.shape[1:3], num_classes,
+                 f"npz: {os.path.basename(args.input)}",
+                 {"kind": "npz", "input": os.path.abspath(args.input), "shard_size": args.shard_size,
+                  "labels": labels is not None})
+    check_out(ds, args.overwrite)
+    return [write_dataset(ds, array_jobs(ds, iter([(0, imgs, labels)])), args.workers, args.progress)]
+
+
+def prepare_folder(args) -> list[dict]:
+    """ImageNet-style tree ROOT/CLASS/*.JPEG -> centre crop + area resize; class index = sorted folder order."""
+    root = args.root
+    if not os.path.isdir(root):
+        raise DataError(f"no such folder: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected ROOT/CLASS/image.jpg)")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, name))):
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_FILE_EXTS):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(c)
+    if not files:
+        raise DataError(f"no image files under {root}")
+    order = np.arange(len(files))
+    if args.shuffle_seed >= 0:  # mix classes across shards: a training block of a few shards sees many classes
+        order = np.random.default_rng(args.shuffle_seed).permutation(len(files))
+    files = [files[i] for i in order]
+    labels_arr = np.asarray(labels, np.int64)[order]
+    ds = Dataset(args.out, args.name, len(files), args.shard_size, (args.size, args.size), len(classes),
+                 f"folder: {os.path.abspath(root)} ({args.resize})",
+                 {"kind": "folder", "root": os.path.abspath(root), "shard_size": args.shard_size, "size": args.size,
+                  "resize": args.resize, "shuffle_seed": args.shuffle_seed, "files": len(files)},
+                 class_names=classes)
+    rel = [os.path.relpath(f, root) for f in files]
+    ds.extra_files = {f"{args.name}-classes.json": json.dumps({n: i for i, n in enumerate(classes)}, indent=1) + "\n",
+                      f"{args.name}-files.txt": "".join(f"{i:09d} {p}\n" for i, p in enumerate(rel))}
+    check_out(ds, args.overwrite)
+    S = args.shard_size
+    jobs = (Job(i, ds.shard_path(i), [f"{k:09d}" for k in range(i * S, min((i + 1) * S, len(files)))],
+                labels_arr[i * S:(i + 1) * S], files=files[i * S:(i + 1) * S], size=args.size, resize=args.resize)
+            for i in _todo(ds))
+    return [write_dataset(ds, jobs, args.workers, args.progress)]
+
+
+def prepare_digits(args) -> list[dict]:
+    """The bundled demo data: 1,797 real 8x8 digits, upscaled, split into ``train`` and ``val``."""
+    imgs, labels = digits_images(args.size)
+    perm = np.random.default_rng(args.seed).permutation(len(imgs))
+    n_val = int(round(args.val_fraction * len(imgs)))
+    splits = {"train": perm[n_val:], "val": perm[:n_val]}
+    out = []
+    dss = []
+    for name, idx in splits.items():
+        ds = Dataset(args.out, name, len(idx), args.shard_size, (args.size, args.size), 10,
+                     f"scikit-learn digits, bicubic 8->{args.size} px, split seed {args.seed}",
+                     {"kind": "digits", "size": args.size, "seed": args.seed, "val_fraction": args.val_fraction,
+                      "shard_size": args.shard_size}, class_names=[str(d) for d in range(10)])
+        dss.append(ds)
+    if not args.overwrite and all(os.path.exists(ds.manifest_path) for ds in dss):
+        raise DataError(f"digits data set in {args.out} is complete: pass --overwrite to rebuild it")
+    for ds, idx in zip(dss, splits.values()):
+        if os.path.exists(ds.manifest_path) and not args.overwrite:
+            continue  # this split finished earlier
+        check_out(ds, args.overwrite)
+        out.append(write_dataset(ds, array_jobs(ds, iter([(0, imgs[idx], labels[idx])])), args.workers, args.progress))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="kind", metavar="{npz-batches,folder,npz,digits}", parser_class=ArgumentParser)
+    sub.required = True
+
+    def common(q: ArgumentParser, name: bool = True) -> None:
+        q.add_argument("--out", required=True, help="output folder (created)")
+        if name:
+            q.add_argument("--name", default="train", help="data set name: NAME-000000.tar, NAME-manifest.json")
+        q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="writer processes (0: in this process)")
+        q.add_argument("--overwrite", action="store_true", help="delete and rebuild a complete data set")
+        q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    q = sub.add_parser("npz-batches", help="Downsampled-ImageNet .npz batches (data N x 3*S*S, labels 1..1000)")
+    q.add_argument("inputs", nargs="+", help="batch files, e.g. train_data_batch_{1..10}.npz or val_data.npz")
+    common(q)
+    q = sub.add_parser("folder", help="ImageNet-style tree ROOT/CLASS/*.JPEG")
+    q.add_argument("root")
+    q.add_argument("--size", type=int, default=64, help="output side in pixels (default 64)")
+    q.add_argument("--resize", choices=sorted(RESIZERS), default="area",
+                   help="area: centre crop + box (area) downsample; adm: improved-diffusion loader (box halving, "
+                        "bicubic, crop)")
+    q.add_argument("--shuffle-seed", type=int, default=0, help="shuffle file order with this seed (-1: keep order)")
+    common(q)
+    q = sub.add_parser("npz", help="npz of uint8 NHWC images (arr_0) with optional labels (arr_1)")
+    q.add_argument("input")
+    q.add_argument("--images-key", default="arr_0")
+    q.add_argument("--labels-key", default="arr_1")
+    q.add_argument("--no-labels", action="store_true", help="ignore labels even if present")
+    q.add_argument("--num-classes", type=int, default=0, help="number of classes (default: max label + 1)")
+    common(q)
+    q = sub.add_parser("digits", help="scikit-learn 8x8 digits upscaled; writes 'train' and 'val'")
+    q.add_argument("--size", type=int, default=16, help="output side in pixels (16 or 32)")
+    q.add_argument("--val-fraction", type=float, default=0.2)
+    q.add_argument("--seed", type=int, default=0, help="train/val split seed")
+    common(q, name=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.shard_size < 1:
+        fail(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.workers < 0:
+        fail(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "size", 1) < 1 or (args.kind == "digits" and args.size not in (8, 16, 32, 64)):
+        fail(f"--size must be positive (digits: 8, 16, 32 or 64), got {args.size}")
+    if args.kind == "digits" and not 0 < args.val_fraction < 1:
+        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if getattr(args, "name", "x") and not all(c.isalnum() or c in "-_." for c in getattr(args, "name", "x")):
+        fail(f"--name may hold only letters, digits, '-', '_' and '.', got {args.name!r}")
+    run = {"npz-batches": prepare_npz_batches, "npz": prepare_npz, "folder": prepare_folder,
+           "digits": prepare_digits}[args.kind]
+    try:
+        manifests = run(args)
+    except DataError as e:
+        fail(f"data.prepare: {e}")
+    for m in manifests:
+        print(f"{os.path.join(args.out, m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
+              f"{len(m['shards'])} shards, {m['image_size'][0]}x{m['image_size'][1]}, {m['num_classes']} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
