@@ -296,11 +296,17 @@ class GaussianDiffusion:
     def ddim_reverse_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
                             denoised_fn: Callable | None = None, model_kwargs: dict | None = None
                             ) -> dict[str, torch.Tensor]:
-        """One deterministic DDIM inversion step x_t -> x_{t+1} (eta = 0)."""
+        """Inverse of the eta = 0 ddim_sample step at index t: x at noise level abar_{t-1} -> x_t at abar_t.
+
+        The sampling step needs eps(x_t, t), unknown before x_t exists; it is approximated by the model at (x, t).
+        The step is then the exact inverse whenever the model's epsilon does not change between the two levels."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps, x0 = out["eps"], out["pred_xstart"]
-        ab_next = self._extract("alphas_cumprod_next", t, eps)
-        sample = x0 * torch.sqrt(ab_next) + torch.sqrt(1 - ab_next) * eps
+        eps = out["eps"]
+        xc = x.to(eps.dtype)
+        ab = self._extract("alphas_cumprod", t, eps)
+        ab_prev = self._extract("alphas_cumprod_prev", t, eps)
+        x0 = (xc - torch.sqrt(1 - ab_prev) * eps) / torch.sqrt(ab_prev)
+        sample = x0 * torch.sqrt(ab) + torch.sqrt(1 - ab) * eps
         return {"sample": sample.to(x.dtype), "pred_xstart": x0.to(x.dtype)}
 
     def ddim_sample_loop_progressive(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
@@ -332,7 +338,11 @@ class GaussianDiffusion:
     def ddim_reverse_sample_loop(self, model: Model, x_start: torch.Tensor, clip_denoised: bool = False,
                                  denoised_fn: Callable | None = None, model_kwargs: dict | None = None,
                                  progress: bool = False) -> torch.Tensor:
-        """DDIM inversion: the deterministic x_T that ddim_sample_loop(eta=0) maps back to (about) x_start."""
+        """DDIM inversion: the x_{T-1} [B,...] that ddim_sample_loop(eta=0, noise=x_{T-1}) maps back to about x_start.
+
+        Unlike improved-diffusion (which treats x_start as x_0 and ends at abar = 0), this walks the exact noise
+        levels ddim_sample_loop visits, 1 -> abar_0 -> ... -> abar_{T-1}, so it round-trips exactly for a model whose
+        output does not depend on x, and up to the step size otherwise."""
         x = x_start
         for i in _progress(range(self.num_timesteps), progress, "DDIM inversion"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.int64)

@@ -57,8 +57,12 @@ def space_timesteps(num_timesteps: int, spec: str | list[int] | tuple[int, ...])
             for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == n:
                     return set(range(0, T, stride))
-            raise ValueError(f"cannot keep exactly {n} steps of {T} with a fixed stride ('ddim{n}'); "
-                             f"pick N from the achievable counts such as {T}, {len(range(0, T, 2))}, {len(range(0, T, 10))}")
+            counts = sorted({len(range(0, T, stride)) for stride in range(1, T + 1)})
+            lower = max((c for c in counts if c < n), default=None)
+            higher = min((c for c in counts if c > n), default=None)
+            near = ", ".join(f"ddim{c}" for c in (lower, higher) if c is not None)
+            raise ValueError(f"cannot keep exactly {n} steps of {T} with a fixed stride ('ddim{n}'); nearest "
+                             f"achievable: {near}")
         try:
             counts = [int(x) for x in spec.split(",")]
         except ValueError:
