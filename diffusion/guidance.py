@@ -51,7 +51,8 @@ def classifier_cond_fn(classifier: Callable[..., torch.Tensor], scale: float = 1
             raise ValueError("classifier guidance needs class labels y (model_kwargs={'y': labels})")
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
+            logits = classifier(x_in, t)
+            log_probs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
             selected = log_probs[torch.arange(len(y), device=y.device), y]
             return torch.autograd.grad(selected.sum(), x_in)[0] * scale
 
