@@ -37,13 +37,10 @@ def derived_seed(*parts: int) -> int:
 
 def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
     from diffusion.presets import PRESETS
-    import dataclasses
-    base = PRESETS[cfg.model_size]
     o = cfg.model_overrides()
     if o.get("num_classes") == 0:
         o["num_classes"] = None
-    mc = dataclasses.replace(base, **{k: v for k, v in o.items() if hasattr(base, k)})
-    return mc.to_dict()
+    return PRESETS[cfg.model_size].replace(**o).to_dict()
 
 
 class Preemption:
@@ -81,7 +78,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train(cfg: TrainConfig, launch) -> int:
-    import deepspeed
     import torch.distributed as dist
     from diffusion import create_diffusion, create_timestep_sampler
     from diffusion.presets import create_model_from_config
@@ -127,6 +123,7 @@ def train(cfg: TrainConfig, launch) -> int:
     except DataError as e:
         raise UsageError(f"--data {cfg.data}: {e}") from None
 
+    import deepspeed
     from trainer.dist import init
     device = init(launch)
 
@@ -235,14 +232,14 @@ def train(cfg: TrainConfig, launch) -> int:
     acc = torch.zeros(12, dtype=torch.float64)  # loss, mse, vb, n, quartile sums[4], quartile counts[4]
     t_log, steps_since_log, wait_since_log, step_time_since_log = time.perf_counter(), 0, 0.0, 0.0
     T = diffusion.num_timesteps
-    status = EXIT_PREEMPTED if False else 0
+    grad_norm = float("nan")
     engine.train()
     while step < cfg.total_steps:
         t0 = time.perf_counter()
         torch.manual_seed(derived_seed(cfg.seed, rank, step, 1))  # dropout etc.
         g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, rank, step, 0))
         rows, wait = [], 0.0
-        local_bad = torch.zeros(1)
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps
         for _ in range(accum):
             tw = time.perf_counter()
             x, y = next(batches)
@@ -259,6 +256,11 @@ def train(cfg: TrainConfig, launch) -> int:
             losses = diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)
             loss = (losses["loss"] * w).mean()
             engine.backward(loss)
+            if log_now and engine.is_gradient_accumulation_boundary() and engine.get_global_grad_norm() is None \
+                    and cfg.zero_stage == 0 and cfg.precision == "fp32":
+                # plain fp32 DeepSpeed does not report the norm; grads are already averaged over ranks here
+                grad_norm = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in engine.module.parameters()
+                                                 if p.grad is not None)))
             engine.step()
             lv = losses["loss"].detach().double().cpu()
             tc = t.detach().cpu()
@@ -294,17 +296,17 @@ def train(cfg: TrainConfig, launch) -> int:
                       file=sys.stderr, flush=True)
             return EXIT_NONFINITE
 
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
+        if log_now:
             elapsed = time.perf_counter() - t_log
             mine = torch.cat([acc, torch.tensor([steps_since_log * micro * accum / max(elapsed, 1e-9),
                                                  float(getattr(stream, "bad_samples", 0)),
-                                                 peak_memory_mb(device)], dtype=torch.float64)])
+                                                 peak_memory_mb(device), 0.0], dtype=torch.float64)])
             allv = all_gather(mine.reshape(-1, 2)).reshape(world, -1)  # [world, 15+1 pad]
             if rank == 0:
                 tot = allv[:, :12].sum(0)
                 n = max(tot[3].item(), 1.0)
                 gn = engine.get_global_grad_norm()
-                gn = float(gn) if gn is not None else float("nan")
+                gn = float(gn) if gn is not None else grad_norm
                 lr = engine.get_lr()[0]
                 scale = float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0)
                 s = {"train/loss": tot[0] / n, "train/mse": tot[1] / n, "train/vb": tot[2] / n,
