@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Sourced by every script in cluster/. Variables already set in the environment win over the defaults here.
+# Sourced (through cluster/common.sh) by every script in cluster/. Variables already set in the environment
+# win over the defaults here.
 #
 # ======================================================================================================
 # SITE SET-UP: THE ONE PLACE TO ADAPT TO A CLUSTER (modules, venv, container, storage roots, NCCL).
@@ -25,20 +26,3 @@ fi
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
 export PYTHON IDDPM_LAUNCH IDDPM_DATA_ROOT IDDPM_RUNS_ROOT TORCH_NCCL_ASYNC_ERROR_HANDLING
 # ======================================================================================================
-
-# Helpers shared by the scripts (no training logic here).
-
-# die MESSAGE: one clear line on stderr, exit code 2 (bad input).
-die() { echo "error: $*" >&2; exit 2; }
-
-# master_addr: the address of the job's first node, taken from `scontrol show node` (NodeAddr), because
-# node names need not resolve from the compute nodes.
-master_addr() {
-  local first addr
-  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  addr=$(scontrol show node "$first" | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
-  echo "${addr:-$first}"
-}
-
-# py_module MODULE ARGS...: run one Python CLI as a single task (container prefix applied).
-py_module() { $IDDPM_LAUNCH "$PYTHON" -m "$@"; }
