@@ -218,7 +218,7 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
     (None or 0 with labelled=True: only >= 0). expected: sample count from the manifest, used to count
     samples lost to truncation or to a missing/unreadable/empty shard.
     """
-    empty = ShardData(path, np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    empty = ShardData(path, np.zeros((0, *(shape or (1, 1)), 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
     try:
         buf = read_bytes(path)
     except Exception as e:  # missing, permission, network: all the same to the reader

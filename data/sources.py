@@ -1,6 +1,7 @@
 """Turn a data source (manifest, folder, brace/glob pattern, list of paths or blobfile URLs) into shards."""
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -42,8 +43,13 @@ def _from_manifest(path: str) -> Source:
                   tuple(m["image_size"]), int(m.get("num_classes", 0)), str(m.get("name", "")))
 
 
+def _glob(pattern: str) -> list[str]:
+    """Local: the standard glob (``*``, ``?``, ``[...]``); URLs: blobfile's glob (``*`` only)."""
+    return sorted(glob.glob(pattern) if not is_url(pattern) else bf.glob(pattern))
+
+
 def _manifests_in(folder: str) -> list[str]:
-    return sorted(bf.glob(bf.join(folder, "*" + MANIFEST_SUFFIX)))
+    return _glob(bf.join(folder, "*" + MANIFEST_SUFFIX))
 
 
 def _expand(spec: str) -> list[str]:
@@ -53,7 +59,7 @@ def _expand(spec: str) -> list[str]:
     for part in parts:
         part = _norm(part)
         if any(c in part for c in "*?["):
-            hits = sorted(bf.glob(part))
+            hits = _glob(part)
             if not hits:
                 raise DataError(f"pattern {part!r} matches no files")
             out += hits
@@ -96,7 +102,7 @@ def resolve(source: SourceLike) -> Source:
                 names = ", ".join(bf.basename(f) for f in found)
                 raise DataError(f"folder {folder} holds several data sets ({names}): pass one manifest path")
             else:
-                tars = sorted(bf.glob(bf.join(folder, "*.tar")))
+                tars = _glob(bf.join(folder, "*.tar"))
                 if not tars:
                     raise DataError(f"folder {folder} holds no manifest and no .tar shards")
                 parts.append(Source(tars))
