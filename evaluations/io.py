@@ -84,9 +84,10 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if isinstance(f, np.ndarray):
-                return {"arr_0": f}
+        f = np.load(path, allow_pickle=False)
+        if isinstance(f, np.ndarray):
+            return {"arr_0": f}
+        with f:
             return {k: f[k] for k in f.files}
     except ValueError as e:
         if "pickle" in str(e).lower():
