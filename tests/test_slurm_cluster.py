@@ -2,8 +2,6 @@
 bad input, cleanup of daemons and files also when a test fails)."""
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ PROBE = r"""#!/bin/bash
 #SBATCH --job-name=probe
 set -euo pipefail
 IDDPM_REPO="${IDDPM_REPO:-$SLURM_SUBMIT_DIR}"
-source "$IDDPM_REPO/cluster/site_env.sh"
+source "$IDDPM_REPO/cluster/common.sh"
 export MASTER_ADDR="$(master_addr)"
 srun "$IDDPM_REPO/cluster/rank_env.sh" "$PYTHON" -c '
 import os, sys
@@ -53,14 +51,6 @@ def test_train_script_rejects_missing_data_with_one_line(slurm_cluster: SlurmClu
         f"error: DATA={tmp_path / 'no-such-shards'} does not exist; set DATA to the training shards "
         "(manifest, brace pattern or URL)"]
     assert not (tmp_path / "run").exists()
-
-
-def test_scripts_outside_slurm_fail_with_one_line() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for name in ("train_imagenet64.sbatch",):
-        p = subprocess.run(["bash", f"cluster/{name}"], cwd=REPO, env=env, capture_output=True, text=True)
-        assert p.returncode == 2, (name, p.stderr)
-        assert p.stderr.strip().splitlines() == ["error: run this script with sbatch (SLURM_JOB_ID is not set)"]
 
 
 def test_cluster_stops_daemons_and_removes_files_when_the_test_body_fails() -> None:
