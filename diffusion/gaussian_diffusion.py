@@ -166,18 +166,24 @@ class GaussianDiffusion:
                         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         model_kwargs: dict | None = None, model_output: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t): dict mean [B,...], variance, log_variance ([B,...] learned, else [B,1,...]),
-        pred_xstart [B,...] (clipped to [-1,1] if clip_denoised), eps [B,...], model_output (raw, compute dtype).
-        `model_output` skips the forward call (used by training_losses to reuse one forward)."""
+        pred_xstart [B,...] (clipped to [-1,1] if clip_denoised), model_output (raw). `model_output` skips the
+        forward call."""
         self._check_t(t, x)
         if model_output is None:
             model_output = self._model(model, x, t, model_kwargs)
         mean_out, var_out = self._split_output(model_output, x)
-        x = x.to(mean_out.dtype)
+        out = self._output_to_dist(mean_out, var_out, x.to(mean_out.dtype), t, clip_denoised, denoised_fn)
+        out["model_output"] = model_output
+        return out
+
+    def _output_to_dist(self, mean_out: torch.Tensor, var_out: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor,
+                        clip_denoised: bool, denoised_fn: Callable | None) -> dict[str, torch.Tensor]:
+        """The reverse-process Gaussian from the split model output (mean part, variance part or None)."""
         if self.model_var_type == "learned_range":
             min_log = self._extract("posterior_log_variance_clipped", t, x)
-            max_log = self._extract("betas", t, x).log()
+            max_log = self._extract("log_betas", t, x)
             frac = (var_out + 1.0) / 2.0
-            log_variance = frac * max_log + (1.0 - frac) * min_log
+            log_variance = min_log + frac * (max_log - min_log)  # = frac*max_log + (1-frac)*min_log
             variance = torch.exp(log_variance)
         elif self.model_var_type == "fixed_small":
             variance = self._extract("posterior_variance", t, x)
@@ -185,20 +191,20 @@ class GaussianDiffusion:
         else:  # fixed_large: beta_t, except beta~_1 at t=0 so that the decoder has a sensible variance
             variance = self._extract("_large_variance", t, x)
             log_variance = variance.log()
-
-        def process(x0: torch.Tensor) -> torch.Tensor:
-            if denoised_fn is not None:
-                x0 = denoised_fn(x0)
-            return x0.clamp(-1, 1) if clip_denoised else x0
-
         if self.model_mean_type == "epsilon":
-            pred_xstart = process(self._predict_xstart_from_eps(x, t, mean_out))
+            pred_xstart = self._predict_xstart_from_eps(x, t, mean_out)
         else:
-            pred_xstart = process(mean_out)
-        eps = self._predict_eps_from_xstart(x, t, pred_xstart)  # consistent with the (clipped) x_0
+            pred_xstart = mean_out
+        if denoised_fn is not None:
+            pred_xstart = denoised_fn(pred_xstart)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart,
-                "eps": eps, "model_output": model_output}
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+
+    @property
+    def log_betas(self) -> np.ndarray:
+        return np.log(self.betas)
 
     @property
     def _large_variance(self) -> np.ndarray:
@@ -215,10 +221,11 @@ class GaussianDiffusion:
     def condition_score(self, cond_fn: CondFn, out: dict, x: torch.Tensor, t: torch.Tensor,
                         model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """Classifier guidance for DDIM (alg. 2): eps - sqrt(1 - abar_t) * grad; returns out with eps, pred_xstart, mean."""
-        xc = x.to(out["eps"].dtype)
+        xc = x.to(out["pred_xstart"].dtype)
         with torch.enable_grad():
             grad = cond_fn(x, self.map_timesteps(t), **(model_kwargs or {})).to(xc.dtype)
-        eps = out["eps"] - self._extract("sqrt_one_minus_alphas_cumprod", t, xc) * grad
+        eps = self._predict_eps_from_xstart(xc, t, out["pred_xstart"])
+        eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, xc) * grad
         new = dict(out)
         new["eps"] = eps
         new["pred_xstart"] = self._predict_xstart_from_eps(xc, t, eps)
@@ -283,6 +290,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+        else:  # epsilon consistent with the (clipped) x_0, as in improved-diffusion
+            out["eps"] = self._predict_eps_from_xstart(x.to(out["pred_xstart"].dtype), t, out["pred_xstart"])
         eps, x0 = out["eps"], out["pred_xstart"]
         ab = self._extract("alphas_cumprod", t, eps)
         ab_prev = self._extract("alphas_cumprod_prev", t, eps)
@@ -301,8 +310,8 @@ class GaussianDiffusion:
         The sampling step needs eps(x_t, t), unknown before x_t exists; it is approximated by the model at (x, t).
         The step is then the exact inverse whenever the model's epsilon does not change between the two levels."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps = out["eps"]
-        xc = x.to(eps.dtype)
+        xc = x.to(out["pred_xstart"].dtype)
+        eps = self._predict_eps_from_xstart(xc, t, out["pred_xstart"])
         ab = self._extract("alphas_cumprod", t, eps)
         ab_prev = self._extract("alphas_cumprod_prev", t, eps)
         x0 = (xc - torch.sqrt(1 - ab_prev) * eps) / torch.sqrt(ab_prev)
@@ -356,12 +365,21 @@ class GaussianDiffusion:
                      model_output: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_t in bits/dim [B]: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, -log p(x_0|x_1) at t = 0
         (x_start must lie on the 256-level grid of [-1, 1]). Returns dict output [B], pred_xstart [B,...]."""
-        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised, None, model_kwargs, model_output)
+        return {"output": self._vb_from_dist(x_start, x_t, t, out), "pred_xstart": out["pred_xstart"]}
+
+    def _vb_from_dist(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: dict) -> torch.Tensor:
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) * NATS_TO_BITS
-        log_var = out["log_variance"].expand_as(out["mean"])
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start.to(out["mean"].dtype), out["mean"], 0.5 * log_var))
-        return {"output": torch.where(t == 0, nll * NATS_TO_BITS, kl), "pred_xstart": out["pred_xstart"]}
+        first = t == 0
+        if not bool(first.any()):
+            return kl
+        # the decoder term only where t == 0 (rare in training; the normal CDFs cost ~10x the KL)
+        idx = first.nonzero().squeeze(1)
+        mean, log_var = out["mean"][idx], out["log_variance"].expand_as(out["mean"])[idx]
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start[idx].to(mean.dtype), mean, 0.5 * log_var))
+        nll_full = torch.zeros_like(kl).index_put((idx,), nll * NATS_TO_BITS)
+        return torch.where(first, nll_full, kl)
 
     def training_losses(self, model: Model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None,
                         noise: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -369,8 +387,8 @@ class GaussianDiffusion:
         """Per-sample losses [B] for x_start [B,C,...] in [-1,1] at timesteps t [B] (indices of this process).
 
         mse: mean over dims of (target - prediction)^2, target = noise (epsilon) or x_0 (xstart).
-        vb: L_t in bits/dim (unscaled; see vb_terms_bpd). With a learned variance the mean is detached inside vb for
-        "hybrid" (L_t trains only the variance); for "simple" vb is a detached diagnostic.
+        vb: L_t in bits/dim (unscaled; see vb_terms_bpd). For "hybrid" the mean part is detached inside vb, so L_t
+        trains only the variance channels; for "simple" vb is a detached diagnostic.
         loss: simple -> mse; hybrid -> mse + vlb_weight * T * vb; vlb -> T * vb. Multiply by the sampler's weights.
         """
         self._check_t(t, x_start)
@@ -379,15 +397,15 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise)
         model_output = self._model(model, x_t, t, model_kwargs)
         mean_out, var_out = self._split_output(model_output, x_start)
+        xc = x_t.to(mean_out.dtype)
         T = self.num_timesteps
         if self.loss_type == "vlb":
-            vb = self.vb_terms_bpd(model, x_start, x_t, t, False, model_kwargs, model_output)["output"]
-        elif self.loss_type == "hybrid":  # stop-gradient on the mean part: L_t trains only the variance channels
-            frozen = mean_out.detach() if var_out is None else torch.cat([mean_out.detach(), var_out], dim=1)
-            vb = self.vb_terms_bpd(model, x_start, x_t, t, False, model_kwargs, frozen)["output"]
+            vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, False, None))
+        elif self.loss_type == "hybrid":  # stop-gradient on the mean part
+            vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out.detach(), var_out, xc, t, False, None))
         else:
             with torch.no_grad():
-                vb = self.vb_terms_bpd(model, x_start, x_t, t, False, model_kwargs, model_output.detach())["output"]
+                vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, False, None))
         target = noise if self.model_mean_type == "epsilon" else x_start
         mse = mean_flat((target.to(mean_out.dtype) - mean_out) ** 2)
         if self.loss_type == "simple":
@@ -422,7 +440,7 @@ class GaussianDiffusion:
             xs = x_start.to(out["pred_xstart"].dtype)
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - xs) ** 2))
-            eps = self._predict_eps_from_xstart(x_t.to(xs.dtype), t, out["pred_xstart"])
+            eps = self._predict_eps_from_xstart(x_t.to(xs.dtype), t, out["pred_xstart"])  # from the clipped x_0
             mse.append(mean_flat((eps - noise.to(xs.dtype)) ** 2))
         vb_t = torch.stack(vb[::-1], dim=1)
         prior = self.prior_bpd(x_start)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 SAMPLERS = ("uniform", "loss-second-moment")
@@ -58,15 +59,20 @@ class UniformSampler(TimestepSampler):
 
 class LossSecondMomentResampler(TimestepSampler):
     """p_t proportional to sqrt(E[L_t^2]) over the last `history` losses seen at each t; uniform until every t has
-    `history` of them; mixed with `uniform_prob` of the uniform distribution so that no p_t is ever 0."""
+    `history` of them; mixed with `uniform_prob` of the uniform distribution so that no p_t is ever 0.
+
+    The bookkeeping is small host-side work, kept in numpy (no intra-op thread pool, microsecond-scale calls), in a
+    ring buffer per t so that an update touches only the slots it writes."""
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)
         if not (isinstance(history, int) and history >= 1) or not 0 < uniform_prob <= 1:
             raise ValueError(f"need history >= 1 and 0 < uniform_prob <= 1, got {history!r}, {uniform_prob!r}")
         self.history, self.uniform_prob = history, uniform_prob
-        self.loss_history = torch.zeros(num_timesteps, history, dtype=torch.float64)  # oldest first
-        self.loss_counts = torch.zeros(num_timesteps, dtype=torch.int64)
+        # per t a ring buffer of the last `history` losses; the next write goes to slot loss_pos[t]
+        self.loss_history = np.zeros((num_timesteps, history), dtype=np.float64)
+        self.loss_counts = np.zeros(num_timesteps, dtype=np.int64)
+        self.loss_pos = np.zeros(num_timesteps, dtype=np.int64)
 
     def warmed_up(self) -> bool:
         return bool((self.loss_counts == self.history).all())
@@ -75,51 +81,61 @@ class LossSecondMomentResampler(TimestepSampler):
         T = self.num_timesteps
         if not self.warmed_up():
             return torch.ones(T, dtype=torch.float64)
-        w = self.loss_history.square().mean(dim=1).sqrt()
-        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / T)
-        return w * (1 - self.uniform_prob) + self.uniform_prob / T
+        w = np.sqrt(np.mean(self.loss_history ** 2, axis=1))  # order within the ring does not matter here
+        w = w / w.sum() if w.sum() > 0 else np.full(T, 1.0 / T)
+        return torch.from_numpy(w * (1 - self.uniform_prob) + self.uniform_prob / T)
 
     def update_with_all_losses(self, ts: torch.Tensor, losses: torch.Tensor) -> None:
         """Vectorized equivalent of appending each (t, loss) in order to a per-t queue of length `history`."""
         T, H = self.num_timesteps, self.history
-        ts = ts.detach().to("cpu", torch.int64).flatten()
-        losses = losses.detach().to("cpu", torch.float64).flatten()
+        ts = np.asarray(torch.as_tensor(ts).detach().cpu(), dtype=np.int64).ravel()
+        losses = np.asarray(torch.as_tensor(losses).detach().cpu(), dtype=np.float64).ravel()
         if ts.shape != losses.shape:
-            raise ValueError(f"shape mismatch: ts {tuple(ts.shape)} vs losses {tuple(losses.shape)}")
-        if ts.numel() == 0:
+            raise ValueError(f"shape mismatch: ts {ts.shape} vs losses {losses.shape}")
+        if ts.size == 0:
             return
-        if bool(((ts < 0) | (ts >= T)).any()):
-            raise ValueError(f"t out of range: timesteps must lie in [0, {T - 1}]")
-        k = torch.bincount(ts, minlength=T)  # new losses per t
-        order = torch.sort(ts, stable=True).indices
-        starts = torch.cumsum(k, 0) - k
-        rank = torch.empty_like(ts)
-        rank[order] = torch.arange(len(ts)) - starts[ts[order]]  # occurrence index of each sample within its t
-        n = self.loss_counts
-        drop = (n + k - H).clamp(min=0)  # oldest entries pushed out of each queue
-        # old entries move left by `drop`: new[t, j] = old[t, j + drop[t]] when j + drop[t] < n[t]
-        src = torch.arange(H).unsqueeze(0) + drop.unsqueeze(1)
-        keep_old = src < n.unsqueeze(1)
-        new_hist = torch.where(keep_old, self.loss_history.gather(1, src.clamp(max=H - 1)), 0.0)
-        dest = n[ts] + rank - drop[ts]  # the queue slot of each new loss; < 0 when a later one pushes it out
-        ok = dest >= 0
-        new_hist[ts[ok], dest[ok]] = losses[ok]
-        self.loss_history = new_hist
-        self.loss_counts = (n + k).clamp(max=H)
+        if ts.min() < 0 or ts.max() >= T:
+            raise ValueError(f"t out of range: timesteps must lie in [0, {T - 1}], got min {ts.min()}, max {ts.max()}")
+        k = np.bincount(ts, minlength=T)  # new losses per t
+        order = np.argsort(ts, kind="stable")
+        rank = np.empty_like(ts)
+        rank[order] = np.arange(ts.size) - (np.cumsum(k) - k)[ts[order]]  # occurrence index within its t
+        keep = rank >= k[ts] - H  # only the last H losses of a t in this batch can survive
+        t_keep = ts[keep]
+        self.loss_history[t_keep, (self.loss_pos[t_keep] + rank[keep]) % H] = losses[keep]
+        self.loss_pos = (self.loss_pos + k) % H
+        self.loss_counts = np.minimum(self.loss_counts + k, H)
+
+    def ordered_history(self) -> np.ndarray:
+        """[T, history] losses per t, oldest first (entries past loss_counts[t] are 0)."""
+        H = self.history
+        idx = (self.loss_pos - self.loss_counts)[:, None] + np.arange(H)[None, :]
+        out = np.take_along_axis(self.loss_history, idx % H, axis=1)
+        return np.where(np.arange(H)[None, :] < self.loss_counts[:, None], out, 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"loss_history": self.loss_history.clone(), "loss_counts": self.loss_counts.clone()}
+        """The ring buffers as they are (loss_history [T, H] float64, loss_counts [T], loss_pos [T] int64), so a
+        restored sampler computes bit-identical probabilities; ordered_history() gives them oldest first."""
+        return {"loss_history": torch.from_numpy(self.loss_history.copy()),
+                "loss_counts": torch.from_numpy(self.loss_counts.copy()),
+                "loss_pos": torch.from_numpy(self.loss_pos.copy())}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore state_dict(); without loss_pos the history is taken as oldest first."""
+        T, H = self.num_timesteps, self.history
         hist, counts = state.get("loss_history"), state.get("loss_counts")
         if hist is None or counts is None:
             raise ValueError(f"sampler state needs loss_history and loss_counts, got keys {sorted(state)}")
-        if tuple(hist.shape) != (self.num_timesteps, self.history) or tuple(counts.shape) != (self.num_timesteps,):
+        pos = state.get("loss_pos", counts)
+        if tuple(hist.shape) != (T, H) or tuple(counts.shape) != (T,) or tuple(pos.shape) != (T,):
             raise ValueError(f"sampler state shape mismatch: loss_history {tuple(hist.shape)}, loss_counts "
-                             f"{tuple(counts.shape)}; expected ({self.num_timesteps}, {self.history}) and "
-                             f"({self.num_timesteps},)")
-        self.loss_history = hist.detach().to("cpu", torch.float64).clone()
-        self.loss_counts = counts.detach().to("cpu", torch.int64).clone()
+                             f"{tuple(counts.shape)}, loss_pos {tuple(pos.shape)}; expected ({T}, {H}), ({T},), ({T},)")
+        counts = torch.as_tensor(counts).detach().cpu().numpy().astype(np.int64)
+        if counts.min() < 0 or counts.max() > H:
+            raise ValueError(f"sampler state loss_counts must lie in [0, {H}]")
+        self.loss_history = torch.as_tensor(hist).detach().cpu().numpy().astype(np.float64)  # astype copies
+        self.loss_counts = counts
+        self.loss_pos = torch.as_tensor(pos).detach().cpu().numpy().astype(np.int64) % H
 
 
 def create_timestep_sampler(name: str, num_timesteps: int) -> TimestepSampler:

@@ -1,0 +1,132 @@
+"""Benchmark: the diffusion mathematics beside the network, and the loss-aware sampler's update.
+
+Run `python -m benchmarks.bench_diffusion [--reps N] [--threads N] [--out FILE]`; writes a markdown table
+(machine, date, figures) to benchmarks/results/diffusion.md by default.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffusion import create_diffusion, create_timestep_sampler  # noqa: E402
+
+
+def timed(fn, reps: int, warmup: int = 2) -> list[float]:
+    """Wall times of fn() in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(ts: list[float], unit: float) -> dict[str, float]:
+    return {"median": statistics.median(ts) / unit, "min": min(ts) / unit, "max": max(ts) / unit, "reps": len(ts)}
+
+
+def bench_training_losses(reps: int) -> dict[str, dict[str, float]]:
+    """training_losses (hybrid, learned sigma, T=4000) over [256, 3, 64, 64] float32, forward + backward, with a
+    trivial model (one 3x3 conv, 3 -> 6 channels, v squashed by tanh); the model alone is timed as well."""
+    D = create_diffusion(steps=4000)
+    net = torch.nn.Conv2d(3, 6, 3, padding=1)
+    model = lambda x, t, **kw: torch.cat([(o := net(x))[:, :3], torch.tanh(o[:, 3:])], 1)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(256, 3, 64, 64, generator=g) * 2 - 1
+    t = torch.randint(0, 4000, (256,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+
+    def full():
+        net.zero_grad(set_to_none=True)
+        D.training_losses(model, x0, t, noise=noise)["loss"].mean().backward()
+
+    def model_only():
+        net.zero_grad(set_to_none=True)
+        x_t = D.q_sample(x0, t, noise)
+        model(x_t, t).square().mean().backward()
+
+    def losses_forward():
+        with torch.no_grad():
+            D.training_losses(model, x0, t, noise=noise)
+
+    return {"training_losses fwd+bwd (ms)": summary(timed(full, reps), 1e-3),
+            "model fwd+bwd only (ms)": summary(timed(model_only, reps), 1e-3),
+            "training_losses fwd, no grad (ms)": summary(timed(losses_forward, reps), 1e-3)}
+
+
+def bench_sampler(reps: int) -> dict[str, dict[str, float]]:
+    """The loss-second-moment sampler at T=4000 (warmed up) with a global batch of 2048."""
+    T, B = 4000, 2048
+    s = create_timestep_sampler("loss-second-moment", T)
+    g = torch.Generator().manual_seed(0)
+    s.update_with_all_losses(torch.arange(T).repeat(10), torch.rand(10 * T, generator=g, dtype=torch.float64))
+    ts = torch.randint(0, T, (B,), generator=g)
+    losses = torch.rand(B, generator=g, dtype=torch.float64)
+    gather = lambda x: x  # one rank holding the whole global batch
+    return {"update_with_all_losses, 2048 at T=4000 (us)": summary(timed(lambda: s.update_with_all_losses(ts, losses), reps), 1e-6),
+            "update_with_local_losses (stack + gather + update) (us)":
+                summary(timed(lambda: s.update_with_local_losses(ts, losses, gather), reps), 1e-6),
+            "sample(256) (us)": summary(timed(lambda: s.sample(256, generator=g), reps), 1e-6)}
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions of the training_losses step")
+    ap.add_argument("--sampler-reps", type=int, default=500, help="timed repetitions of the sampler update")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion.md"))
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.reps < 1 or args.sampler_reps < 1 or args.threads < 1:
+        print("error: --reps, --sampler-reps and --threads must be positive integers", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    info = machine()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results = {**bench_sampler(args.sampler_reps), **bench_training_losses(args.reps)}
+    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines = ["# Diffusion mathematics benchmark", "",
+             f"Measured {date} by `python -m benchmarks.bench_diffusion` (CPU, float32 tensors, float64 tables).", "",
+             "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], "",
+             "| what | median | min | max | reps |", "|---|---|---|---|---|",
+             *[f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['reps']} |" for k, v in results.items()],
+             "", "```json", json.dumps({"date": date, "machine": info, "results": results}, indent=1), "```", ""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    print("\n".join(lines[: len(lines) - 4]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
