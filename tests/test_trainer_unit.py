@@ -1,0 +1,141 @@
+"""Trainer parts in one process: EMA closed form, config/CLI validation, DeepSpeed config, export round trip."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer.config import RECIPES, TrainConfig, batch_layout, deepspeed_config, parse_config
+from trainer.ema import EMA
+from trainer.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ema_matches_closed_form() -> None:
+    # ema_n = r^n p_0 + sum_{k=1..n} (1 - r) r^(n-k) p_k, for every rate at once
+    torch.manual_seed(0)
+    seq = [torch.randn(5, 3, dtype=torch.float64) for _ in range(41)]
+    rates = ["0.9", "0.5", "0.99"]
+    ema = EMA(rates, {"w": seq[0].float()})
+    for p in seq[1:]:
+        ema.update({"w": p.float()})
+    n = len(seq) - 1
+    for r in rates:
+        rf = float(r)
+        want = rf ** n * seq[0] + sum((1 - rf) * rf ** (n - k) * seq[k] for k in range(1, n + 1))
+        got = ema.state_dict(r)["w"]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+def test_ema_of_bf16_source_accumulates_in_fp32() -> None:
+    ema = EMA(["0.999"], {"w": torch.zeros(4)})
+    for _ in range(10):
+        ema.update({"w": torch.ones(4, dtype=torch.bfloat16)})
+    want = 1 - 0.999 ** 10  # 0.00995..., below bf16 resolution near 1 but exact in fp32
+    torch.testing.assert_close(ema.state_dict("0.999")["w"], torch.full((4,), want), rtol=1e-5, atol=0)
+
+
+def test_batch_layout_and_errors() -> None:
+    c = TrainConfig(data="d", run_dir="r", global_batch=64, micro_batch=8)
+    assert batch_layout(c, 2) == (8, 4)
+    assert batch_layout(TrainConfig(data="d", run_dir="r", global_batch=64), 4) == (16, 1)
+    with pytest.raises(UsageError, match="not divisible by the 3 ranks"):
+        batch_layout(c, 3)
+    with pytest.raises(UsageError, match="not a multiple of --micro-batch 12"):
+        batch_layout(TrainConfig(data="d", run_dir="r", global_batch=64, micro_batch=12), 2)
+
+
+def test_deepspeed_config_generation_and_override(tmp_path) -> None:
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}))
+    c = TrainConfig(data="d", run_dir="r", global_batch=32, micro_batch=4, precision="bf16", zero_stage=2,
+                    lr=3e-4, weight_decay=0.01, deepspeed_config=str(user))
+    ds = deepspeed_config(c, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    fp16 = deepspeed_config(TrainConfig(data="d", run_dir="r", precision="fp16"), 1)
+    assert fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+
+
+def test_recipes_and_precedence(tmp_path) -> None:
+    cfile = tmp_path / "c.json"
+    cfile.write_text(json.dumps({"lr": 5e-5, "total_steps": 7}))
+    c = parse_config(["--recipe", "imagenet64-vlb", "--config", str(cfile), "--total-steps", "9",
+                      "--data", "x", "--run-dir", "y"])
+    assert (c.loss, c.timestep_sampler, c.model_size, c.diffusion_steps) == ("vlb", "loss-second-moment", "120M", 4000)
+    assert c.lr == 5e-5 and c.total_steps == 9  # recipe < config file < flags
+    assert {"imagenet64-hybrid", "imagenet64-cond", "imagenet64-scale-270M", "digits-demo"} <= set(RECIPES)
+    for name in RECIPES:  # every recipe is a valid configuration
+        parse_config(["--recipe", name, "--data", "x", "--run-dir", "y"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of fp16")
+def test_fp16_refused_on_cpu() -> None:
+    with pytest.raises(UsageError, match="use --precision bf16 or fp32"):
+        parse_config(["--data", "x", "--run-dir", "y", "--precision", "fp16"])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model-size", "nope"], "unknown --model-size 'nope'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--global-batch", "10", "--micro-batch", "3"], "not a multiple of --micro-batch 3"),
+    (["--ema", "1.5"], "--ema '1.5'"),
+    (["--recipe", "imagenet256"], "unknown recipe 'imagenet256'"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args: list[str], msg: str) -> None:
+    from trainer.main import main
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path / "missing.tar"), "--run-dir", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+def test_cli_missing_dataset_one_line_exit_2(tmp_path) -> None:
+    """The real command line: a missing data set is one line on stderr and exit code 2."""
+    r = subprocess.run([sys.executable, "-m", "trainer.main", "--data", "/nonexistent/shards-{000000..000003}.tar",
+                        "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "--data /nonexistent/shards-" in lines[0], r.stderr
+
+
+def test_help_exits_0() -> None:
+    for mod in ("trainer.main", "trainer.export"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage" in r.stdout, (mod, r.stderr)
+
+
+def test_export_round_trip_and_sample(tmp_path) -> None:
+    from diffusion import create_diffusion
+    from diffusion.presets import create_model, get_config
+    from trainer.export import load_exported, save_exported
+    torch.manual_seed(0)
+    model = create_model("tiny16")
+    dkw = {"steps": 100, "noise_schedule": "cosine", "learn_sigma": True, "loss": "hybrid", "vlb_weight": 0.001}
+    path = str(tmp_path / "m.safetensors")
+    save_exported(path, model.state_dict(), get_config("tiny16").to_dict(), dkw, step=12, ema="0.9999")
+    loaded, kw, meta = load_exported(path)
+    assert kw == dkw and meta["step"] == 12 and meta["ema"] == "0.9999"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = create_diffusion(**kw, timestep_respacing="4").p_sample_loop(
+        loaded, (2, 3, 16, 16), model_kwargs={"y": torch.tensor([3, 10])})  # 10 = the null label
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
+
+
+def test_export_cli_errors(tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "trainer.export", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no checkpoint" in r.stderr
