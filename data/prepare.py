@@ -27,7 +27,7 @@ from PIL import Image
 
 from .cli import ArgumentParser, fail
 from .errors import DataError
-from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, atomic_write_bytes, atomic_write_json, iter_tar,
+from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, atomic_write_bytes, atomic_write_json, parse_tar,
                      split_key, write_shard)
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -130,8 +130,11 @@ def _existing_entry(path: str) -> dict | None:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        keys = {split_key(name)[0] for name, _, _ in iter_tar(data)}
+        members, damage = parse_tar(data)
+        keys = {split_key(name)[0] for name, _, _ in members}
     except Exception:
+        return None
+    if damage:
         return None
     return {"path": os.path.basename(path), "samples": len(keys), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}

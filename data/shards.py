@@ -118,10 +118,6 @@ def read_bytes(path: str) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------- tar parse
-class TarDamage(Exception):
-    """The archive cannot be parsed past this point (truncated or corrupt header)."""
-
-
 def _octal(field_: bytes) -> int:
     if field_[:1] and field_[0] & 0x80:  # GNU base-256 for big numbers
         return int.from_bytes(field_[1:], "big")
@@ -129,46 +125,66 @@ def _octal(field_: bytes) -> int:
     return int(s, 8) if s else 0
 
 
-def iter_tar(buf: bytes | memoryview) -> Iterator[tuple[str, int, int]]:
-    """Yield ``(name, data_offset, size)`` of the regular files in a tar held in ``buf``.
+_ZERO_BLOCK = bytes(512)
 
-    Raises TarDamage on a bad header checksum or an archive cut short (after yielding what came before).
+
+def parse_tar(buf: bytes) -> tuple[list[tuple[str, int, int]], str | None]:
+    """``(name, data_offset, size)`` of the regular files in a tar held in ``buf``, and a damage message
+    (None if intact). On damage (bad header checksum, unparseable header, archive cut short) the members
+    before the damage are returned. Header checksums are verified in bulk with numpy (headers sit on
+    512-byte blocks), so the Python loop only reads sizes and names.
     """
-    mv = memoryview(buf)
     n, off, long_name = len(buf), 0, None
+    out: list[tuple[str, int, int]] = []
+    heads: list[int] = []  # header offsets, to checksum
+    stored: list[int] = []
+    out_at: list[int] = []  # len(out) when each header was read
+    damage = None
     while off + 512 <= n:
-        hdr = bytes(mv[off:off + 512])
-        if hdr.count(0) == 512:
-            return  # end-of-archive block
+        hdr = buf[off:off + 512]
+        if hdr == _ZERO_BLOCK:
+            break  # end-of-archive block
         try:
-            stored, size = _octal(hdr[148:156]), _octal(hdr[124:136])
+            try:  # plain octal text (what tar writers use below 8 GiB); else the general parser
+                chk, size = int(hdr[148:156].rstrip(b" \0") or b"0", 8), int(hdr[124:136].rstrip(b" \0") or b"0", 8)
+            except ValueError:
+                chk, size = _octal(hdr[148:156]), _octal(hdr[124:136])
         except ValueError:
-            raise TarDamage(f"unparseable tar header at byte {off}") from None
-        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise TarDamage(f"bad tar header checksum at byte {off}")
+            damage = f"unparseable tar header at byte {off}"
+            break
+        heads.append(off), stored.append(chk), out_at.append(len(out))
         kind = hdr[156:157]
         name = hdr[:100].split(b"\0", 1)[0]
-        if hdr[257:262] == b"ustar":
-            prefix = hdr[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
+        if hdr[257:262] == b"ustar" and hdr[345] != 0:
+            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
         start, end = off + 512, off + 512 + size
         if end > n:
-            raise TarDamage(f"archive cut short inside member {name.decode(errors='replace')}")
+            damage = f"archive cut short inside member {name.decode(errors='replace')}"
+            break
         if kind == b"L":  # GNU long name for the next member
-            long_name = bytes(mv[start:end]).split(b"\0", 1)[0]
+            long_name = buf[start:end].split(b"\0", 1)[0]
         elif kind == b"x":  # pax extended header: look for path=
-            for rec in bytes(mv[start:end]).split(b"\n"):
+            for rec in buf[start:end].split(b"\n"):
                 key, _, val = rec.partition(b" ")[2].partition(b"=")
                 if key == b"path":
                     long_name = val
         elif kind in (b"0", b"\0", b"7"):
             if long_name is not None:
                 name, long_name = long_name, None
-            yield name.decode("utf-8", errors="replace"), start, size
+            out.append((name.decode("utf-8", errors="replace"), start, size))
         off = start + (size + 511) // 512 * 512
-    if off < n:
-        raise TarDamage("archive cut short inside a header")
+    else:
+        if off < n:
+            damage = "archive cut short inside a header"
+    if heads:  # checksum = sum of header bytes with the checksum field read as 8 spaces
+        blocks = np.frombuffer(buf, np.uint8, (n // 512) * 512).reshape(-1, 512)
+        h = blocks[np.asarray(heads) // 512]
+        calc = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 256
+        bad = np.nonzero(calc != np.asarray(stored))[0]
+        if len(bad):
+            k = int(bad[0])
+            return out[:out_at[k]], f"bad tar header checksum at byte {heads[k]}"
+    return out, damage
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -181,11 +197,12 @@ def split_key(name: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------- shard decode
 @dataclass
 class ShardData:
-    """The good samples of one shard. images uint8 [n, H, W, 3]; labels int64 [n] (-1 if unlabelled);
-    positions int64 [n]: index of each sample in the shard's member order (bad samples keep their slot)."""
+    """The good samples of one shard. images: n uint8 [H, W, 3] arrays (zero-copy views of the shard bytes);
+    labels int64 [n] (-1 if unlabelled); positions int64 [n]: index of each sample in the shard's member
+    order (bad samples keep their slot)."""
 
     path: str
-    images: np.ndarray
+    images: list[np.ndarray]
     labels: np.ndarray
     positions: np.ndarray
     seen: int = 0  # samples found + samples known missing (good + bad)
@@ -218,65 +235,63 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
     (None or 0 with labelled=True: only >= 0). expected: sample count from the manifest, used to count
     samples lost to truncation or to a missing/unreadable/empty shard.
     """
-    empty = ShardData(path, np.zeros((0, *(shape or (1, 1)), 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    no_pos = np.zeros(0, np.int64)
     try:
         buf = read_bytes(path)
     except Exception as e:  # missing, permission, network: all the same to the reader
         lost = max(expected or 0, 1)
-        empty.seen = empty.bad = lost
         kind = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
-        empty.problems.append(f"{path}: {kind}")
-        return empty
-    mv = memoryview(buf)
+        return ShardData(path, [], no_pos, no_pos, seen=lost, bad=lost, problems=[f"{path}: {kind}"])
     problems: list[str] = []
-    samples: list[tuple[dict[str, tuple[int, int]], int]] = []  # (ext -> (offset, size)), position
-    cur_key, cur = None, None
-    try:
-        for name, off, size in iter_tar(buf):
-            key, ext = split_key(name)
-            if key != cur_key:
-                cur_key, cur = key, {}
-                samples.append((cur, len(samples)))
-            cur[ext] = (off, size)
-    except TarDamage as e:
-        problems.append(f"{path}: {e}")  # an incomplete last sample shows up as missing image or label
-    hdr = npy_header((*shape, 3)) if shape else None
+    samples: list[dict[str, tuple[int, int]]] = []  # per sample: ext -> (offset, size)
+    cur_key, cur = None, {}
+    members, damage = parse_tar(buf)
+    if damage:
+        problems.append(f"{path}: {damage}")  # an incomplete last sample shows up as missing image or label
+    for name, off, size in members:
+        key, ext = split_key(name)
+        if key != cur_key:
+            cur_key, cur = key, {}
+            samples.append(cur)
+        cur[ext] = (off, size)
+    hdr = npy_header((*shape, 3)) if shape else b""
+    nbytes = len(hdr) + (shape[0] * shape[1] * 3 if shape else 0)
     imgs: list[np.ndarray] = []
     labels: list[int] = []
     positions: list[int] = []
     bad = 0
-    for members, pos in samples:
-        why = None
-        img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if img_ext is None:
-            why = "no image member"
+    for pos, sample in enumerate(samples):
+        why, img, label = None, None, -1
+        npy = sample.get("npy")
+        if npy is not None and shape and npy[1] == nbytes and buf.startswith(hdr, npy[0]):  # the fast path
+            img = np.frombuffer(buf, np.uint8, nbytes - len(hdr), npy[0] + len(hdr)).reshape(*shape, 3)
         else:
-            off, size = members[img_ext]
-            img = None
-            if img_ext == "npy" and hdr is not None and size == len(hdr) + shape[0] * shape[1] * 3 \
-                    and mv[off:off + len(hdr)] == hdr:
-                img = np.frombuffer(buf, np.uint8, shape[0] * shape[1] * 3, off + len(hdr))
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                why = "no image member"
             else:
+                off, size = sample[ext]
                 try:
-                    arr = _decode_other(img_ext, bytes(mv[off:off + size]))
+                    arr = _decode_other(ext, buf[off:off + size])
                     if arr.ndim != 3 or arr.shape[2] != 3 or (shape and arr.shape[:2] != tuple(shape)):
                         raise ValueError(f"image of shape {arr.shape}, expected {(*shape, 3) if shape else 'H x W x 3'}")
-                    if shape is None:
-                        shape, hdr = arr.shape[:2], npy_header(arr.shape)
-                    img = arr.reshape(-1)
+                    if not shape:
+                        shape = arr.shape[:2]
+                        hdr = npy_header(arr.shape)
+                        nbytes = len(hdr) + arr.size
+                    img = arr
                 except Exception as e:
-                    why = f"undecodable {img_ext} ({str(e)[:80]})"
-        label = -1
+                    why = f"undecodable {ext} ({str(e)[:80]})"
         if why is None:
             if labelled is None:
-                labelled = "cls" in members
+                labelled = "cls" in sample
             if labelled:
-                if "cls" not in members:
+                cls = sample.get("cls")
+                if cls is None:
                     why = "missing label"
                 else:
-                    off, size = members["cls"]
                     try:
-                        label = int(bytes(mv[off:off + size]).strip())
+                        label = int(buf[cls[0]:cls[0] + cls[1]])
                     except ValueError:
                         why = "unparseable label"
                     else:
@@ -297,10 +312,7 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
     if found == 0 and not expected:
         bad += 1
         problems.append(f"{path}: empty shard")
-    if shape is None:
-        shape = (1, 1)
-    images = np.stack(imgs).reshape(-1, shape[0], shape[1], 3) if imgs else np.zeros((0, *shape, 3), np.uint8)
-    return ShardData(path, images, np.asarray(labels, np.int64), np.asarray(positions, np.int64),
+    return ShardData(path, imgs, np.asarray(labels, np.int64), np.asarray(positions, np.int64),
                      seen=max(found, expected or 0, 1 if found == 0 else 0), bad=bad, problems=problems)
 
 

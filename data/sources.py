@@ -48,8 +48,13 @@ def _glob(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern) if not is_url(pattern) else bf.glob(pattern))
 
 
+def _in_folder(folder: str, pattern: str) -> list[str]:
+    """Files in ``folder`` matching ``pattern`` (the folder name itself is taken literally)."""
+    return _glob(bf.join(folder if is_url(folder) else glob.escape(folder), pattern))
+
+
 def _manifests_in(folder: str) -> list[str]:
-    return _glob(bf.join(folder, "*" + MANIFEST_SUFFIX))
+    return _in_folder(folder, "*" + MANIFEST_SUFFIX)
 
 
 def _expand(spec: str) -> list[str]:
@@ -102,7 +107,7 @@ def resolve(source: SourceLike) -> Source:
                 names = ", ".join(bf.basename(f) for f in found)
                 raise DataError(f"folder {folder} holds several data sets ({names}): pass one manifest path")
             else:
-                tars = _glob(bf.join(folder, "*.tar"))
+                tars = _in_folder(folder, "*.tar")
                 if not tars:
                     raise DataError(f"folder {folder} holds no manifest and no .tar shards")
                 parts.append(Source(tars))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,12 +34,24 @@ STATE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (0 -> -1, 255 -> 1), contiguous."""
-    t = torch.from_numpy(images).permute(0, 3, 1, 2)
-    out = torch.empty(t.shape, dtype=torch.float32)
-    out.copy_(t)
-    return out.div_(127.5).sub_(1.0)
+def to_float(images: Sequence[np.ndarray] | np.ndarray, flips: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 images [H, W, 3] (an array [B, H, W, 3] or a list) -> float32 [B, 3, H, W] in [-1, 1]
+    (0 -> -1, 255 -> 1 exactly); ``flips[i]`` mirrors image i left-right.
+
+    One pass per image: numpy reads the HWC (possibly mirrored) view with strides and writes CHW floats,
+    so there is no separate gather, transpose or flip copy.
+    """
+    B = len(images)
+    H, W = (images[0].shape[:2]) if B else (0, 0)
+    out = np.empty((B, 3, H, W), np.float32)
+    for i in range(B):
+        v = images[i].transpose(2, 0, 1)
+        if flips is not None and flips[i]:
+            v = v[:, :, ::-1]
+        out[i] = v  # uint8 -> float32 cast while reading the strided view
+    np.divide(out, np.float32(127.5), out=out)  # exact: 255 / 127.5 == 2
+    np.subtract(out, np.float32(1.0), out=out)
+    return torch.from_numpy(out)
 
 
 class _BadData:
@@ -78,7 +90,7 @@ def _peek(src: Source) -> tuple[tuple[int, int], bool]:
                         num_classes=src.num_classes)
         if len(sd):
             labelled = bool((sd.labels >= 0).all()) if src.num_classes is None else src.num_classes > 0
-            return (int(sd.images.shape[1]), int(sd.images.shape[2])), labelled
+            return (int(sd.images[0].shape[0]), int(sd.images[0].shape[1])), labelled
     raise DataError(f"no readable sample in the first {min(len(src.urls), 8)} shard(s) of {src.urls[0]}")
 
 
@@ -131,10 +143,13 @@ class _TrainWorker:
         for sd in shards:
             self.stats.add(sd)
         self.stats.check()
-        self.images = np.concatenate([s.images for s in shards])
-        self.labels = np.concatenate([s.labels for s in shards])
-        self.perm = rng.permutation(len(self.labels))
-        self.flips = rng.random(len(self.labels)) < 0.5
+        self.shard_images = [s.images for s in shards]
+        which = np.concatenate([np.full(len(s), k, np.int64) for k, s in enumerate(shards)])
+        local = np.concatenate([np.arange(len(s)) for s in shards])
+        labels = np.concatenate([s.labels for s in shards])
+        perm = rng.permutation(len(labels))
+        flips = rng.random(len(labels)) < 0.5
+        self.which, self.local, self.labels, self.flips = which[perm], local[perm], labels[perm], flips
         self.loaded = self.block
 
     def state(self) -> dict:
@@ -144,29 +159,24 @@ class _TrainWorker:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(images float32 [B, 3, H, W] in [-1, 1], labels int64 [B], state after this batch)."""
-        parts_i, parts_l, parts_f, need, empty = [], [], [], self.B, 0
-        while need:
+        views: list[np.ndarray] = []
+        labels, flips, empty = [], [], 0
+        while len(views) < self.B:
             if self.loaded != self.block:
                 self._load()
-            n = len(self.perm)
-            take = self.perm[self.pos:self.pos + need]
-            if len(take):
-                parts_i.append(self.images[take])
-                parts_l.append(self.labels[take])
-                parts_f.append(self.flips[self.pos:self.pos + len(take)])
-                self.pos += len(take)
-                need -= len(take)
-                empty = 0
+            n = len(self.labels)
+            a, b = self.pos, min(n, self.pos + self.B - len(views))
+            views += [self.shard_images[s][j] for s, j in zip(self.which[a:b].tolist(), self.local[a:b].tolist())]
+            labels.append(self.labels[a:b])
+            flips.append(self.flips[a:b])
+            self.pos = b
             if self.pos >= n:
                 self.block, self.pos = self.block + 1, 0
                 empty = empty + 1 if n == 0 else 0
                 if empty >= 100:
                     raise DataError(f"no readable samples in 100 consecutive blocks of {self.spec.urls[0]} ...")
-        imgs = parts_i[0] if len(parts_i) == 1 else np.concatenate(parts_i)
-        if self.flip:
-            f = np.concatenate(parts_f)
-            imgs[f] = imgs[f, :, ::-1]
-        return to_float(imgs), torch.from_numpy(np.concatenate(parts_l)), self.state()
+        f = np.concatenate(flips) if self.flip else None
+        return to_float(views, f), torch.from_numpy(np.concatenate(labels)), self.state()
 
 
 def _make_train_worker(spec: _Spec, batch_size: int, seed: int, rank: int, flip: bool, shards_per_block: int,
@@ -300,7 +310,9 @@ class _EvalDataset(torch.utils.data.IterableDataset):
         n = self.hi - self.lo
         lo, hi = self.lo + n * w // self.W, self.lo + n * (w + 1) // self.W
         stats = _BadData(self.spec.max_bad_fraction)
-        buf_i, buf_l, buf_n, have = [], [], [], 0
+        imgs: list[np.ndarray] = []
+        labs: list[np.ndarray] = []
+        ids: list[np.ndarray] = []
         try:
             for s in range(len(self.spec.urls)):
                 a, b = int(self.offsets[s]), int(self.offsets[s + 1])
@@ -308,19 +320,20 @@ class _EvalDataset(torch.utils.data.IterableDataset):
                     continue
                 sd = self.spec.read(s)
                 idx = a + sd.positions
-                keep = (idx >= lo) & (idx < hi)
+                keep = np.nonzero((idx >= lo) & (idx < hi))[0]
                 want = min(b, hi) - max(a, lo)  # samples of this shard in our range; the rest of them are bad
-                sd.seen, sd.bad = want, want - int(keep.sum())
+                sd.seen, sd.bad = want, want - len(keep)
                 stats.add(sd)
                 stats.check()
-                buf_i.append(sd.images[keep]), buf_l.append(sd.labels[keep]), buf_n.append(idx[keep])
-                have += int(keep.sum())
-                while have >= self.B or (have and s == len(self.spec.urls) - 1) or (have and b >= hi):
-                    imgs, labs, ids = (np.concatenate(v) for v in (buf_i, buf_l, buf_n))
-                    k = min(self.B, have)
-                    yield to_float(imgs[:k]), torch.from_numpy(labs[:k]), torch.from_numpy(ids[:k]), w, \
+                imgs += [sd.images[k] for k in keep]
+                labs.append(sd.labels[keep]), ids.append(idx[keep])
+                last = b >= hi or s == len(self.spec.urls) - 1
+                while len(imgs) >= self.B or (imgs and last):
+                    k = min(self.B, len(imgs))
+                    lab, ix = np.concatenate(labs), np.concatenate(ids)
+                    yield to_float(imgs[:k]), torch.from_numpy(lab[:k]), torch.from_numpy(ix[:k]), w, \
                         (stats.bad, stats.seen)
-                    buf_i, buf_l, buf_n, have = [imgs[k:]], [labs[k:]], [ids[k:]], have - k
+                    imgs, labs, ids = imgs[k:], [lab[k:]], [ix[k:]]
         except DataError as e:
             yield "error", str(e), None, w, None
 
