@@ -125,6 +125,8 @@ def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
         for j in range(0, support.shape[0], block * 4):
             d = _sq_dists(queries[i:i + block], support[j:j + block * 4], q2[i:i + block], s2[j:j + block * 4])
             inside[i:i + block] |= (d <= radii[None, j:j + block * 4]).any(dim=1)
+            if bool(inside[i:i + block].all()):
+                break                               # every query of this block is covered already
     return inside
 
 

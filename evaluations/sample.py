@@ -141,6 +141,7 @@ def run(a: argparse.Namespace) -> dict[str, Any] | None:
             done = json.load(f)
         if done.get("settings") == settings:      # finished earlier with the same settings: nothing to do
             return {**done, "sampled_this_run": 0, "images_per_second": None} if ranks.is_main else None
+    problem = None
     if ranks.is_main:
         os.makedirs(parts, exist_ok=True)
         cfg = os.path.join(parts, "settings.json")
@@ -149,13 +150,16 @@ def run(a: argparse.Namespace) -> dict[str, Any] | None:
                 old = json.load(f)
             if old != settings:
                 diff = sorted(k for k in settings if old.get(k) != settings[k])
-                raise UsageError(f"{parts} holds batches made with other settings ({', '.join(diff)}); "
-                                 f"delete it or use another --out")
+                problem = (f"{parts} holds batches made with other settings ({', '.join(diff)}); "
+                           f"delete it or use another --out")
         else:
             atomic_write_json(cfg, settings)
-    dist.barrier()
-    if not os.path.isfile(os.path.join(parts, "settings.json")):
-        raise UsageError(f"{parts} is not visible from rank {ranks.rank}; --out must be on a shared file system")
+    # Every rank learns whether rank 0 found a problem, so none is left waiting at a barrier.
+    if dist.all_reduce_sum(torch.tensor([problem is not None], dtype=torch.int64)).item():
+        raise UsageError(problem or "rank 0 refused the existing parts folder (see its message)")
+    hidden = not os.path.isfile(os.path.join(parts, "settings.json"))
+    if dist.all_reduce_sum(torch.tensor([hidden], dtype=torch.int64)).item():
+        raise UsageError(f"{parts} is not visible from every rank; --out must be on a shared file system")
 
     n, bs = a.num_samples, a.batch_size
     n_batches = (n + bs - 1) // bs
