@@ -320,7 +320,8 @@ class _EvalDataset(torch.utils.data.IterableDataset):
                     continue
                 sd = self.spec.read(s)
                 idx = a + sd.positions
-                keep = np.nonzero((idx >= lo) & (idx < hi))[0]
+                # positions past the manifest count (a shard longer than recorded) would alias the next shard
+                keep = np.nonzero((idx >= lo) & (idx < hi) & (sd.positions < b - a))[0]
                 want = min(b, hi) - max(a, lo)  # samples of this shard in our range; the rest of them are bad
                 sd.seen, sd.bad = want, want - len(keep)
                 stats.add(sd)

@@ -231,3 +231,16 @@ def test_area_resize_non_integer_factor_matches_supersampled_block_mean():
     sq = area_resize(np.ascontiguousarray(a[:12, :12]), 8)
     ref_sq = np.repeat(np.repeat(a[:12, :12].astype(np.float64), 2, 0), 2, 1).reshape(8, 3, 8, 3, 3).mean((1, 3))
     assert np.abs(sq - ref_sq).max() <= 0.5 + 1e-9 and sq.dtype == np.uint8
+
+
+def test_parallel_writers_give_identical_shards(tmp_path):
+    """The process pool path (--workers 2) writes byte-identical shards to the in-process path."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert prepare(["digits", "--out", str(a), "--size", "8", "--shard-size", "300", "--workers", "0",
+                    "--no-progress"]) == 0
+    assert prepare(["digits", "--out", str(b), "--size", "8", "--shard-size", "300", "--workers", "2",
+                    "--no-progress"]) == 0
+    for name in ("train", "val"):
+        ma = json.loads((a / f"{name}-manifest.json").read_text())
+        mb = json.loads((b / f"{name}-manifest.json").read_text())
+        assert ma["shards"] == mb["shards"] and len(ma["shards"]) == (5 if name == "train" else 2)
