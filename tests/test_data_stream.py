@@ -189,3 +189,27 @@ def test_reads_go_through_blobfile(ds, monkeypatch):
     assert sum(p.endswith(".tar") for p in opened) >= 4  # one block = 4 shard reads
     seen = [int(k) for _, _, i in EvalStream(ds, 16) for k in i]
     assert sorted(seen) == list(range(N)) and sum(p.endswith(".tar") for p in opened) >= 13
+
+
+def test_webdataset_interoperability(ds, tmp_path):
+    """Our shards decode with plain webdataset; PNG shards written by webdataset stream through ours."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    imgs, labels = make_images()
+    urls = sorted(glob.glob(os.path.join(ds, "*.tar")))
+    got = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode().to_tuple("__key__", "npy", "cls"))
+    assert len(got) == N
+    for key, img, cls in got:
+        assert np.array_equal(img, imgs[int(key)]) and cls == labels[int(key)]
+    with wds.TarWriter(str(tmp_path / "png-000000.tar")) as sink:
+        for i in range(10):
+            buf = io.BytesIO()
+            Image.fromarray(imgs[i]).save(buf, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": buf.getvalue(), "cls": str(int(labels[i]))})
+    stream = EvalStream(str(tmp_path / "png-000000.tar"), 4)
+    assert stream.image_size == (SIDE, SIDE) and stream.total == 10
+    xs, ys = zip(*[(x, y) for x, y, _ in stream])
+    assert np.array_equal(to_u8(torch.cat(xs)), imgs[:10]) and np.array_equal(torch.cat(ys).numpy(), labels[:10])
