@@ -1,0 +1,249 @@
+"""The Improved-DDPM / ADM UNet, written for speed.
+
+model(x_t, t, y=labels) -> [B, out_channels, H, W]; with learned sigma out_channels = 2 * in_channels
+(epsilon first, then the variance interpolation value v), as `diffusion/` expects.
+
+Layout (ADM): input conv; per resolution level `num_res_blocks` residual blocks (+ self-attention at the
+chosen resolutions) and a downsampling step; a middle ResBlock-Attention-ResBlock; a mirrored decoder that
+concatenates the encoder activations (num_res_blocks + 1 blocks per level); GroupNorm-SiLU-conv output.
+The timestep (and class label) embedding conditions every residual block through scale-shift group norm:
+h = GN(h) * (1 + scale) + shift. Output convolutions of residual branches are zero-initialised, so that
+every residual block starts as the identity (or its skip projection).
+
+Speed notes: the SiLU of the embedding is computed once per forward instead of once per block; the group
+norm affine parameters are folded into the per-sample scale/shift (one addcmul instead of two passes);
+attention runs on a [B, HW, C] view that is free for channels_last tensors, with one fused QKV matmul and
+torch's SDPA kernel. Group norms run in float32 under bf16/fp16 (autocast or a low-precision model).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .nn import group_norm32, timestep_embedding, zero_
+
+
+class ResBlock(nn.Module):
+    """Residual block: GN-SiLU-(up/down)-conv3x3, embedding via scale-shift GN, SiLU-dropout-conv3x3 (zero).
+
+    x: [B, in_ch, H, W], emb: [B, emb_ch] (already passed through SiLU) -> [B, out_ch, H', W']
+    with H' = 2H (up), H/2 (down) or H.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, *, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = True, up: bool = False, down: bool = False,
+                 num_groups: int = 32, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.up, self.down, self.scale_shift = up, down, use_scale_shift_norm
+        self.num_groups, self.eps = num_groups, eps
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_ch, 2 * out_ch if use_scale_shift_norm else out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        G, eps = self.num_groups, self.eps
+        h = F.silu(group_norm32(x, G, self.norm1.weight, self.norm1.bias, eps)).to(x.dtype)
+        if self.up:
+            h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+        elif self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = self.conv1(h)
+        e = self.emb(emb).float()[:, :, None, None]  # [B, 2*out_ch or out_ch, 1, 1]
+        w, b = self.norm2.weight.float()[:, None, None], self.norm2.bias.float()[:, None, None]
+        if self.scale_shift:
+            # GN(h)*w + b, then *(1+scale) + shift, folded into one per-sample affine: hn*s + t.
+            scale, shift = e.chunk(2, dim=1)
+            s = w * (1.0 + scale)
+            h = torch.addcmul(torch.addcmul(shift, b, 1.0 + scale), group_norm32(h, G, None, None, eps), s)
+        else:
+            h = group_norm32(h.float() + e, G, self.norm2.weight, self.norm2.bias, eps)
+        h = self.dropout(F.silu(h).to(x.dtype))
+        h = self.conv2(h)
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions: x + proj(SDPA(QKV(GN(x)))), proj zero-initialised.
+
+    x: [B, C, H, W] -> [B, C, H, W]. Heads: `num_heads`, each of C // num_heads channels.
+    """
+
+    def __init__(self, ch: int, num_heads: int, *, num_groups: int = 32, eps: float = 1e-5) -> None:
+        super().__init__()
+        if ch % num_heads:
+            raise ValueError(f"attention channels {ch} are not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, ch, eps)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_(nn.Linear(ch, ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = group_norm32(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps).to(x.dtype)
+        h = h.flatten(2).transpose(1, 2)  # [B, L, C], a free view for channels_last
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, C // self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, C/heads], softmax(q k^T / sqrt(d)) v
+        a = self.proj(a.transpose(1, 2).flatten(2))  # [B, L, C]
+        return x + a.transpose(1, 2).unflatten(2, (H, W))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv (conv=True) or 2x2 average pool. Ignores the embedding."""
+
+    def __init__(self, ch: int, conv: bool = True) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then (conv=True) a 3x3 conv. Ignores the embedding."""
+
+    def __init__(self, ch: int, conv: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNetBlock(nn.Module):
+    """One checkpointable unit: optional skip concatenation, a body (ResBlock/Downsample/Upsample), optional attention."""
+
+    def __init__(self, body: nn.Module, attn: AttentionBlock | None = None, takes_skip: bool = False) -> None:
+        super().__init__()
+        self.body, self.attn, self.takes_skip = body, attn, takes_skip
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        x = self.body(x, emb)
+        if self.attn is not None:
+            x = self.attn(x)
+        return x
+
+
+def reachable_resolutions(image_size: int, levels: int) -> list[int]:
+    """Resolutions (pixels) the UNet works at: image_size, image_size/2, ... (one per channel_mult level)."""
+    return [image_size // 2 ** i for i in range(levels)]
+
+
+class UNetModel(nn.Module):
+    """ADM / Improved-DDPM UNet. Call as model(x [B, in_channels, H, W], t [B] int, y [B] int64 or None).
+
+    attention_resolutions are in pixels (e.g. (16, 8) at 64 px) and must be among the resolutions reached.
+    Heads: num_head_channels > 0 fixes the channels per head, otherwise num_heads fixes the head count.
+    num_classes: class-conditional with labels 0..num_classes-1 plus the null label num_classes (for
+    classifier-free guidance); None for an unconditional model. use_checkpoint: recompute each block in the
+    backward pass (non-reentrant torch.utils.checkpoint; may be switched at any time).
+    """
+
+    def __init__(self, *, image_size: int, in_channels: int = 3, model_channels: int = 128,
+                 out_channels: int = 6, num_res_blocks: int = 2, attention_resolutions: Sequence[int] = (16, 8),
+                 dropout: float = 0.0, channel_mult: Sequence[int] = (1, 2, 3, 4), num_classes: int | None = None,
+                 use_checkpoint: bool = False, num_heads: int = 4, num_head_channels: int = -1,
+                 use_scale_shift_norm: bool = True, resblock_updown: bool = False, conv_resample: bool = True,
+                 num_groups: int = 32) -> None:
+        super().__init__()
+        levels = len(channel_mult)
+        allowed = reachable_resolutions(image_size, levels)
+        if levels < 1 or image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {image_size} must be divisible by 2**(len(channel_mult)-1) = {2 ** (levels - 1)}")
+        bad = [r for r in attention_resolutions if r not in allowed]
+        if bad:
+            raise ValueError(f"attention resolution(s) {bad} are never reached at image_size {image_size} with "
+                             f"{levels} levels; allowed: {allowed}")
+        for m in channel_mult:
+            if (model_channels * m) % num_groups:
+                raise ValueError(f"channels {model_channels * m} are not divisible by num_groups {num_groups}")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.model_channels, self.num_classes, self.use_checkpoint = model_channels, num_classes, use_checkpoint
+        self.num_groups = num_groups
+        attn_res = set(attention_resolutions)
+        emb_ch = 4 * model_channels
+
+        def heads(ch: int) -> int:
+            if num_head_channels > 0:
+                if ch % num_head_channels:
+                    raise ValueError(f"attention channels {ch} are not divisible by num_head_channels {num_head_channels}")
+                return ch // num_head_channels
+            return num_heads
+
+        def res(i: int, o: int, **kw) -> ResBlock:
+            return ResBlock(i, o, emb_ch, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
+                            num_groups=num_groups, **kw)
+
+        def attn(ch: int, r: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, heads(ch), num_groups=num_groups) if r in attn_res else None
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
+        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+
+        ch, r, chans = model_channels, image_size, [model_channels]
+        self.enc = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.enc.append(UNetBlock(res(ch, mult * model_channels), attn(mult * model_channels, r)))
+                ch = mult * model_channels
+                chans.append(ch)
+            if level != levels - 1:
+                body = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                self.enc.append(UNetBlock(body))
+                chans.append(ch)
+                r //= 2
+        self.mid = nn.ModuleList([UNetBlock(res(ch, ch), AttentionBlock(ch, heads(ch), num_groups=num_groups)),
+                                  UNetBlock(res(ch, ch))])
+        self.dec = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                out = mult * model_channels
+                self.dec.append(UNetBlock(res(ch + chans.pop(), out), attn(out, r), takes_skip=True))
+                ch = out
+                if level and i == num_res_blocks:
+                    body = res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample)
+                    self.dec.append(UNetBlock(body))
+                    r *= 2
+        self.norm_out = nn.GroupNorm(num_groups, ch)
+        self.conv_out = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def _run(self, blk: UNetBlock, h: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(blk, h, emb, skip, use_reentrant=False)
+        return blk(h, emb, skip)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, in_channels, H, W]; t: [B] timesteps of the original process; y: [B] labels in 0..num_classes
+        (num_classes = null label) or None for an unconditional model. Returns [B, out_channels, H, W] in x's dtype."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("class-conditional model needs y (use y = num_classes for the null label)"
+                             if y is None else "unconditional model (num_classes=None) takes no labels y")
+        dtype = self.conv_in.weight.dtype  # parameters may be bf16/fp16 (DeepSpeed) or fp32 (autocast)
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)
+        emb = F.silu(emb)  # every consumer (the ResBlocks' projections) starts with SiLU
+        h = self.conv_in(x.to(dtype))
+        skips = [h]
+        for blk in self.enc:
+            h = self._run(blk, h, emb)
+            skips.append(h)
+        for blk in self.mid:
+            h = self._run(blk, h, emb)
+        for blk in self.dec:
+            h = self._run(blk, h, emb, skips.pop() if blk.takes_skip else None)
+        n = self.norm_out
+        h = F.silu(group_norm32(h, n.num_groups, n.weight, n.bias, n.eps)).to(h.dtype)
+        return self.conv_out(h).to(x.dtype)
