@@ -19,7 +19,7 @@ import os
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import blobfile as bf
 import numpy as np
@@ -314,6 +314,17 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
         problems.append(f"{path}: empty shard")
     return ShardData(path, imgs, np.asarray(labels, np.int64), np.asarray(positions, np.int64),
                      seen=max(found, expected or 0, 1 if found == 0 else 0), bad=bad, problems=problems)
+
+
+def count_samples(path: str) -> int:
+    """Samples (runs of members sharing a key) in a shard, without decoding; 1 for an empty/unreadable one
+    (it will be counted as one bad sample)."""
+    try:
+        members, _ = parse_tar(read_bytes(path))
+    except Exception:
+        return 1
+    keys = [split_key(name)[0] for name, _, _ in members]
+    return max(1, sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]))
 
 
 # ------------------------------------------------------------------------------------------------ manifest

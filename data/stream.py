@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .shards import ShardData, read_shard
+from .shards import ShardData, count_samples, read_shard
 from .sources import Source, SourceLike, resolve
 
 log = logging.getLogger("data")
@@ -357,7 +357,7 @@ class EvalStream:
         self.image_size, self.num_classes = self.spec.shape, self.spec.num_classes
         counts = self.spec.counts
         if counts is None:  # no manifest: count members once (reads every shard)
-            counts = [self.spec.read(i).seen for i in range(len(self.spec.urls))]
+            counts = [count_samples(u) for u in self.spec.urls]
             self.spec.counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total = int(self.offsets[-1])
