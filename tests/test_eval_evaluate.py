@@ -84,6 +84,14 @@ def test_precomputed_reference_statistics_used_as_given(tmp_path, batches, capsy
     assert row["fid"] == pytest.approx(frechet_distance(f["mu"], f["sigma"], mu, a @ a.T), rel=1e-9)
     assert row["sfid"] == pytest.approx(frechet_distance(f["mu_s"], f["sigma_s"], mu_s, b @ b.T), rel=1e-9)
     assert row["precision"] is not None          # P/R still uses the reference images
+    # Statistics alone (no images): FID/sFID as before, precision/recall reported as n/a.
+    np.savez(ref2, mu=mu, sigma=a @ a.T, mu_s=mu_s, sigma_s=b @ b.T)
+    code, _, err = _run(["--reference", str(ref2), str(same), "--out-dir", str(tmp_path / "o2"),
+                         "--features", "standin", "--no-cache", "--splits", "5"], capsys)
+    assert code == 0, err
+    row2 = json.loads((tmp_path / "o2" / "metrics.json").read_text())["batches"][0]
+    assert row2["fid"] == pytest.approx(row["fid"], rel=1e-12) and row2["precision"] is None
+    assert "n/a" in (tmp_path / "o2" / "metrics.md").read_text()
     # Statistics of the wrong dimension (e.g. Inception stats with the stand-in) are refused clearly.
     np.savez(ref2, arr_0=np.load(ref)["arr_0"], mu=np.zeros(2048), sigma=np.eye(2048))
     code, _, err = _run(["--reference", str(ref2), str(same), "--out-dir", str(tmp_path / "o"),
