@@ -171,6 +171,8 @@ def check_out(ds: Dataset, overwrite: bool) -> None:
     """Refuse to touch a complete data set without --overwrite; with it, delete the old one first."""
     os.makedirs(ds.out, exist_ok=True)
     progress = os.path.join(ds.out, f".{ds.name}-progress.json")
+    for p in glob.glob(os.path.join(glob.escape(ds.out), f".tmp-{glob.escape(ds.name)}-*")):
+        os.unlink(p)  # half-written files of a run that crashed (never visible under a real name)
     if overwrite:
         for p in glob.glob(os.path.join(glob.escape(ds.out), f"{glob.escape(ds.name)}-[0-9]*.tar")):
             os.unlink(p)

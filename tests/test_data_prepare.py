@@ -160,6 +160,7 @@ def test_refuses_overwrite_and_resumes_only_missing_shards(tmp_path, capsys):
     stamp["train-000000.tar"] = 1
     assert run(*args) == 0
     assert all(os.stat(out / p).st_mtime_ns == t for p, t in stamp.items())
+    assert not (out / ".tmp-train-000002.tar-x").exists()
     again = json.loads((out / "train-manifest.json").read_text())
     assert again["shards"] == first["shards"]  # deterministic bytes: same sha256 for the rewritten shard
     assert run(*args, "--overwrite") == 0
