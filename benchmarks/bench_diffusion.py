@@ -66,6 +66,32 @@ def bench_training_losses(reps: int) -> dict[str, dict[str, float]]:
             "training_losses fwd, no grad (ms)": summary(timed(losses_forward, reps), 1e-3)}
 
 
+def bench_network(name: str, batch: int, reps: int) -> dict[str, dict[str, float]]:
+    """The real network for scale: training_losses fwd+bwd with preset `name` (64x64) at a small batch."""
+    from diffusion.presets import create_model  # the network lives beside, not inside, the mathematics
+    net = create_model(name)
+    D = create_diffusion(steps=4000, learn_sigma=True)
+    g = torch.Generator().manual_seed(0)
+    size, classes = net_config(net)
+    x0 = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    t = torch.randint(0, 4000, (batch,), generator=g)
+    kw = {"y": torch.randint(0, classes, (batch,), generator=g)} if classes else {}
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        D.training_losses(net, x0, t, model_kwargs=kw)["loss"].mean().backward()
+
+    return {f"network {name} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, {size}x{size}) "
+            f"training_losses fwd+bwd, batch {batch} (ms)": summary(timed(step, reps, warmup=1), 1e-3)}
+
+
+def net_config(net: torch.nn.Module) -> tuple[int, int | None]:
+    """(image size, number of classes) of a preset network, read from its attributes when present."""
+    size = int(getattr(net, "image_size", 64))
+    classes = getattr(net, "num_classes", None)
+    return size, classes
+
+
 def bench_sampler(reps: int) -> dict[str, dict[str, float]]:
     """The loss-second-moment sampler at T=4000 (warmed up) with a global batch of 2048."""
     T, B = 4000, 2048
@@ -97,25 +123,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions of the training_losses step")
     ap.add_argument("--sampler-reps", type=int, default=500, help="timed repetitions of the sampler update")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--network", default="30M", help="preset to time for scale ('' to skip)")
+    ap.add_argument("--net-batch", type=int, default=4, help="batch for the network timing")
+    ap.add_argument("--net-reps", type=int, default=3, help="timed repetitions of the network step")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion.md"))
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    if args.reps < 1 or args.sampler_reps < 1 or args.threads < 1:
-        print("error: --reps, --sampler-reps and --threads must be positive integers", file=sys.stderr)
+    if min(args.reps, args.sampler_reps, args.threads, args.net_batch, args.net_reps) < 1:
+        print("error: --reps, --sampler-reps, --threads, --net-batch and --net-reps must be positive integers",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results = {**bench_sampler(args.sampler_reps), **bench_training_losses(args.reps)}
+    math_ms = (results["training_losses fwd+bwd (ms)"]["median"] - results["model fwd+bwd only (ms)"]["median"]) / 256
+    notes = [f"Diffusion mathematics per sample (training_losses fwd+bwd minus the trivial model's, medians / 256): "
+             f"{math_ms:.3f} ms."]
+    if args.network:
+        try:
+            net = bench_network(args.network, args.net_batch, args.net_reps)
+        except ImportError as e:
+            notes.append(f"Network timing skipped: {e}.")
+        else:
+            results.update(net)
+            net_ms = next(iter(net.values()))["median"] / args.net_batch
+            notes.append(f"Network {args.network} training step per sample (math included): {net_ms:.1f} ms, "
+                         f"so the mathematics is {100 * math_ms / net_ms:.2f}% of it.")
     info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = ["# Diffusion mathematics benchmark", "",
              f"Measured {date} by `python -m benchmarks.bench_diffusion` (CPU, float32 tensors, float64 tables).", "",
              "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], "",
              "| what | median | min | max | reps |", "|---|---|---|---|---|",
              *[f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['reps']} |" for k, v in results.items()],
-             "", "```json", json.dumps({"date": date, "machine": info, "results": results}, indent=1), "```", ""]
+             "", *notes, "",
+             "The machine was shared with other jobs while this ran (see the load averages); medians are the figures "
+             "to read, maxima show scheduling stalls.", "",
+             "```json", json.dumps({"date": date, "machine": info, "results": results, "notes": notes}, indent=1),
+             "```", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -130,8 +130,12 @@ class GaussianDiffusion:
             noise = randn(tuple(x_start.shape), x_start.device, x_start.dtype, generator)
         elif noise.shape != x_start.shape:
             raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs x_start {tuple(x_start.shape)}")
-        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
+        return self._q_sample(x_start, t, noise)
+
+    def _q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = x_start.to(self._compute_dtype(x_start))  # never bf16/fp16 tables
+        return (self._extract("sqrt_alphas_cumprod", t, x) * x
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x) * noise.to(x.dtype)).to(x_start.dtype)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,6 +143,10 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"shape mismatch: x_start {tuple(x_start.shape)} vs x_t {tuple(x_t.shape)}")
         self._check_t(t, x_t)
+        return self._q_posterior(x_start, x_t, t)
+
+    def _q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dt = self._compute_dtype(x_t)
         x_start, x_t = x_start.to(dt), x_t.to(dt)
         mean = self._extract("posterior_mean_coef1", t, x_t) * x_start + self._extract("posterior_mean_coef2", t, x_t) * x_t
@@ -199,7 +207,7 @@ class GaussianDiffusion:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean, _, _ = self._q_posterior(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     @property
@@ -229,7 +237,7 @@ class GaussianDiffusion:
         new = dict(out)
         new["eps"] = eps
         new["pred_xstart"] = self._predict_xstart_from_eps(xc, t, eps)
-        new["mean"], _, _ = self.q_posterior_mean_variance(new["pred_xstart"], xc, t)
+        new["mean"], _, _ = self._q_posterior(new["pred_xstart"], xc, t)
         return new
 
     # ------------------------------------------------------------------------------------------- DDPM sampling
@@ -369,7 +377,7 @@ class GaussianDiffusion:
         return {"output": self._vb_from_dist(x_start, x_t, t, out), "pred_xstart": out["pred_xstart"]}
 
     def _vb_from_dist(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: dict) -> torch.Tensor:
-        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        true_mean, _, true_log_var = self._q_posterior(x_start, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) * NATS_TO_BITS
         first = t == 0
         if not bool(first.any()):
@@ -391,10 +399,12 @@ class GaussianDiffusion:
         trains only the variance channels; for "simple" vb is a detached diagnostic.
         loss: simple -> mse; hybrid -> mse + vlb_weight * T * vb; vlb -> T * vb. Multiply by the sampler's weights.
         """
-        self._check_t(t, x_start)
+        self._check_t(t, x_start)  # the one range check (a device sync) of the step
         if noise is None:
             noise = randn(tuple(x_start.shape), x_start.device, x_start.dtype, generator)
-        x_t = self.q_sample(x_start, t, noise)
+        elif noise.shape != x_start.shape:
+            raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs x_start {tuple(x_start.shape)}")
+        x_t = self._q_sample(x_start, t, noise)
         model_output = self._model(model, x_t, t, model_kwargs)
         mean_out, var_out = self._split_output(model_output, x_start)
         xc = x_t.to(mean_out.dtype)

@@ -226,3 +226,20 @@ def test_bad_inputs(call, match):
     D = create_diffusion(steps=10)
     with pytest.raises(ValueError, match=match):
         call(D, torch.zeros(2, 2))
+
+
+def test_low_precision_inputs_compute_in_float32():
+    """bf16 data or model outputs never enter the arithmetic: losses come out float32 and match a float32 run."""
+    D = create_diffusion(steps=50)
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.randint(0, 256, (3, 2, 4, 4), generator=g).float() / 127.5 - 1)
+    noise = torch.randn(x0.shape, generator=g)
+    out = torch.cat([torch.randn(x0.shape, generator=g), torch.rand(x0.shape, generator=g) * 2 - 1], 1)
+    t = torch.tensor([0, 20, 49])
+    ref = D.training_losses(lambda x, t, **kw: out, x0, t, noise=noise)
+    low = D.training_losses(lambda x, t, **kw: out.bfloat16(), x0, t, noise=noise)
+    assert all(v.dtype == torch.float32 for v in low.values())
+    torch.testing.assert_close(low["loss"], ref["loss"], rtol=3e-2, atol=3e-2)
+    xt = D.q_sample(x0.bfloat16(), t, noise.bfloat16())
+    assert xt.dtype == torch.bfloat16
+    torch.testing.assert_close(xt.float(), D.q_sample(x0, t, noise), rtol=1e-2, atol=1e-2)
