@@ -171,10 +171,12 @@ def check_out(ds: Dataset, overwrite: bool) -> None:
     """Refuse to touch a complete data set without --overwrite; with it, delete the old one first."""
     os.makedirs(ds.out, exist_ok=True)
     progress = os.path.join(ds.out, f".{ds.name}-progress.json")
-    for p in glob.glob(os.path.join(glob.escape(ds.out), f".tmp-{glob.escape(ds.name)}-*")):
+    stale = [f".tmp-{glob.escape(ds.name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar-*",
+             f".tmp-{glob.escape(ds.name)}{MANIFEST_SUFFIX}-*"]
+    for p in (p for pat in stale for p in glob.glob(os.path.join(glob.escape(ds.out), pat))):
         os.unlink(p)  # half-written files of a run that crashed (never visible under a real name)
     if overwrite:
-        for p in glob.glob(os.path.join(glob.escape(ds.out), f"{glob.escape(ds.name)}-[0-9]*.tar")):
+        for p in glob.glob(os.path.join(glob.escape(ds.out), f"{glob.escape(ds.name)}-" + "[0-9]" * 6 + ".tar")):
             os.unlink(p)
         for p in (ds.manifest_path, progress):
             if os.path.exists(p):
