@@ -105,6 +105,7 @@ def test_nll_bad_input(setup, tmp_path, capsys):
     assert err.startswith("evaluations.nll: error: --data") and err.count("\n") == 1
     assert _main(["--model", model_path, "--data", val, "--out-dir", str(tmp_path), "--respace", "1000"]) == 2
     assert "--respace" in capsys.readouterr().err
+    assert _main(["--help"]) == 0 and "--num-images" in capsys.readouterr().out
 
 
 def test_end_to_end_sample_then_evaluate(setup, tmp_path):
