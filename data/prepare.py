@@ -251,28 +251,34 @@ def _todo(ds: Dataset) -> list[int]:
 
 
 def array_jobs(ds: Dataset, chunks: Iterator[tuple[int, np.ndarray, np.ndarray | None]]) -> Iterator[Job]:
-    """Cut a stream of (first_index, images uint8 [n, H, W, 3], labels [n] | None) into shard jobs."""
+    """Cut a stream of (first_index, images uint8 [n, H, W, 3], labels [n] | None) into shard jobs.
+
+    Only the samples of a shard still to write are copied (contiguous), so a shard that straddles two
+    input files costs one shard of memory, not a second copy of a 1.5 GB batch file.
+    """
     todo = set(_todo(ds))
     S = ds.shard_size
-    buf_i: list[np.ndarray] = []
-    buf_l: list[np.ndarray] = []
-    start = 0  # global index of buf's first sample
-    have = 0
+    pend: list[tuple[np.ndarray, np.ndarray | None]] = []  # pieces not yet cut into shards
+    start, have = 0, 0  # global index of the first pending sample, pending count
     for first, imgs, labels in chunks:
         assert first == start + have, "chunks must be contiguous"
-        buf_i.append(imgs)
-        if labels is not None:
-            buf_l.append(labels)
+        pend.append((imgs, labels))
         have += len(imgs)
         while have >= S or (have and start + have == ds.total):
-            imgs_all = np.concatenate(buf_i) if len(buf_i) > 1 else buf_i[0]
-            labs_all = (np.concatenate(buf_l) if len(buf_l) > 1 else buf_l[0]) if buf_l else None
-            n = min(S, have)
+            n, need, parts = min(S, have), min(S, have), []
+            while need:
+                im, lb = pend[0]
+                k = min(need, len(im))
+                parts.append((im[:k], None if lb is None else lb[:k]))
+                pend[0] = (im[k:], None if lb is None else lb[k:])
+                if k == len(im):
+                    pend.pop(0)
+                need -= k
             idx = start // S
             if idx in todo:
-                yield Job(idx, ds.shard_path(idx), [f"{start + k:09d}" for k in range(n)],
-                          None if labs_all is None else labs_all[:n].copy(), images=imgs_all[:n].copy())
-            buf_i, buf_l = [imgs_all[n:]], ([labs_all[n:]] if labs_all is not None else [])
+                images = np.concatenate([p[0] for p in parts])  # a contiguous copy
+                labs = None if parts[0][1] is None else np.concatenate([p[1] for p in parts]).astype(np.int64)
+                yield Job(idx, ds.shard_path(idx), [f"{start + k:09d}" for k in range(n)], labs, images=images)
             start, have = start + n, have - n
 
 
@@ -337,8 +343,9 @@ def prepare_npz_batches(args) -> list[dict]:
                 if len(labels) != n or labels.min() < 0 or labels.max() > 999:
                     raise DataError(f"{f}: labels must be {n} values in 1..1000")
                 imgs = z["data"].reshape(n, 3, side, side).transpose(0, 2, 3, 1)  # planar -> HWC
-            else:
-                imgs, labels = np.zeros((n, side, side, 3), np.uint8), np.zeros(n, np.int64)  # never written
+            else:  # placeholders that take no memory: these shards are not rewritten
+                imgs = np.broadcast_to(np.zeros((1, side, side, 3), np.uint8), (n, side, side, 3))
+                labels = np.broadcast_to(np.zeros(1, np.int64), (n,))
             yield first, imgs, labels
             first += n
 

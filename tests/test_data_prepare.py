@@ -57,6 +57,11 @@ def test_npz_batches_round_trip(tmp_path):
     assert np.array_equal(imgs, ref)
     assert np.array_equal(labs, np.concatenate(labels) - 1)
     assert np.array_equal(ids, np.arange(22))
+    # resume: only the last shard is missing, so the first batch file is not even read (placeholder path)
+    os.unlink(out / "train-manifest.json")
+    os.unlink(out / "train-000004.tar")
+    assert run("npz-batches", *files, "--out", str(out), "--shard-size", "5") == 0
+    assert json.loads((out / "train-manifest.json").read_text())["shards"] == m["shards"]
 
 
 def test_npz_round_trip_with_and_without_labels(tmp_path):
