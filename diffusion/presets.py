@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .unet import UNetBlock, UNetModel
 
@@ -138,18 +140,30 @@ def forward_flops(cfg: ModelConfig, batch: int = 1) -> int:
     return fc.get_total_flops()
 
 
-def _saved_tensor_tally(cfg: ModelConfig, batch: int) -> dict[str, int]:
-    """Bytes of the tensors autograd saves in one training forward of `batch` images, on meta.
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """On meta, SDPA takes the math path, which saves the [B, heads, L, L] attention weights; real CPU and GPU
+    runs take a fused kernel that saves only q, k, v, the output and the log-sum-exp. Route meta calls to the
+    fused CPU kernel's op (it has a meta implementation) so that the analysis sees what a real run saves."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not kwargs and len(args) == 3 and args[0].is_meta:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args)[0]
+        return func(*args, **kwargs)
+
+
+def _saved_tensor_tally(cfg: ModelConfig, batch: int, device: str = "meta") -> dict[str, int]:
+    """Bytes of the tensors autograd saves in one training forward of `batch` images (on meta by default).
 
     Tensors are deduplicated by storage and parameters are excluded. Bytes are split into: block inputs
     (the activations entering each UNetBlock, which checkpointing keeps), per-block internals (which
     checkpointing discards and recomputes one block at a time in the backward pass) and the rest.
     """
-    with torch.device("meta"):
-        model = cfg.replace(use_checkpoint=False, dropout=cfg.dropout).build().train()
-    x, t, y = _inputs(cfg, batch, "meta")
-    x.requires_grad_(False)
+    with torch.device(device):
+        model = cfg.replace(use_checkpoint=False).build().train()
+    x, t, y = _inputs(cfg, batch, device)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
+    keep: list[torch.Tensor] = []  # hold every tensor looked at, so that no storage address is recycled
     seen: set[int] = set()
     inputs: dict[int, int] = {}
     per_block: dict[int, int] = defaultdict(int)
@@ -163,6 +177,7 @@ def _saved_tensor_tally(cfg: ModelConfig, batch: int) -> dict[str, int]:
         current[0] = id(mod)
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() == 4:
+                keep.append(a)
                 inputs.setdefault(key(a), a.untyped_storage().nbytes())
 
     def post(mod: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -172,6 +187,7 @@ def _saved_tensor_tally(cfg: ModelConfig, batch: int) -> dict[str, int]:
         k = key(t)
         if k in params or k in seen:
             return t
+        keep.append(t)
         seen.add(k)
         n = t.untyped_storage().nbytes()
         if k in inputs:
@@ -186,7 +202,7 @@ def _saved_tensor_tally(cfg: ModelConfig, batch: int) -> dict[str, int]:
     for m in model.modules():
         if isinstance(m, UNetBlock):
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionOnMeta():
         model(x, t, y)
     for h in hooks:
         h.remove()
