@@ -497,12 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if getattr(args, "name", "x") and not all(c.isalnum() or c in "-_." for c in getattr(args, "name", "x")):
         fail(f"--name may hold only letters, digits, '-', '_' and '.', got {args.name!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; give a folder")
     run = {"npz-batches": prepare_npz_batches, "npz": prepare_npz, "folder": prepare_folder,
            "digits": prepare_digits}[args.kind]
     try:
         manifests = run(args)
     except DataError as e:
         fail(f"data.prepare: {e}")
+    except OSError as e:  # disk full, permissions: not a usage error
+        fail(f"data.prepare: {type(e).__name__}: {e}", code=1)
     for m in manifests:
         print(f"{os.path.join(args.out, m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
               f"{len(m['shards'])} shards, {m['image_size'][0]}x{m['image_size'][1]}, {m['num_classes']} classes")

@@ -205,10 +205,13 @@ def test_verify_detects_damage(tmp_path, capsys):
     (["digits", "--out", "OUT", "--shard-size", "-3"], "--shard-size"),
     (["npz-batches", "--out", "OUT"], "required"),
     (["frobnicate"], "invalid choice"),
+    (["digits", "--out", "IN"], "is a file"),
+    (["npz", "IN", "--out", "OUT"], "cannot read"),
     (["npz", "IN", "--out", "OUT", "--shard-size", "ten"], "invalid int"),
 ])
 def test_cli_bad_input_exit_2_one_line(tmp_path, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "o")).replace("IN", str(tmp_path / "in.npz")) for a in argv]
+    (tmp_path / "in.npz").write_bytes(b"not an npz")
     r = subprocess.run([sys.executable, "-m", "data.prepare", *argv], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
