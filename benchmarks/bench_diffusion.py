@@ -118,14 +118,20 @@ def machine() -> dict[str, str]:
             "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit code 2
+        print(f"bench_diffusion: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions of the training_losses step")
     ap.add_argument("--sampler-reps", type=int, default=500, help="timed repetitions of the sampler update")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--network", default="30M", help="preset to time for scale ('' to skip)")
     ap.add_argument("--net-batch", type=int, default=4, help="batch for the network timing")
-    ap.add_argument("--net-reps", type=int, default=3, help="timed repetitions of the network step")
+    ap.add_argument("--net-reps", type=int, default=2, help="timed repetitions of the network step")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion.md"))
     try:
         args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ from .timestep_samplers import LossSecondMomentResampler, UniformSampler, create
 __all__ = [
     "GaussianDiffusion", "SpacedDiffusion", "ClassifierFreeGuidance", "classifier_cond_fn", "create_diffusion",
     "get_named_beta_schedule", "space_timesteps", "create_timestep_sampler", "UniformSampler",
-    "LossSecondMomentResampler",
+    "LossSecondMomentResampler", "SCHEDULES", "LOSS_TYPES",
 ]
 
 

@@ -34,7 +34,10 @@ def randn(shape: tuple[int, ...], device: torch.device | str | None, dtype: torc
 def _progress(it: Any, progress: bool, desc: str) -> Any:
     if not progress:
         return it
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return it
     return tqdm(it, desc=desc)
 
 
