@@ -23,7 +23,9 @@ def create_diffusion(*, steps: int = 4000, noise_schedule: str = "cosine", learn
     """The diffusion of Improved DDPM from the usual flags.
 
     learn_sigma -> "learned_range" variance (model outputs 2*C channels); else sigma_small -> beta~_t, else beta_t.
-    loss in ("simple", "hybrid", "vlb"); vlb_weight is lambda in L_simple + lambda * L_vlb (0.001 in the paper).
+    loss in ("simple", "hybrid", "vlb"); vlb_weight is lambda in L_simple + lambda * L_vlb, with L_vlb estimated
+    as T * L_t: 0.001 is the paper's hybrid loss (improved-diffusion's rescaled default at any T), 1/T gives
+    mse + L_t, the original code's unscaled variant.
     timestep_respacing "" keeps all `steps` (a plain GaussianDiffusion), else a SpacedDiffusion (see
     space_timesteps: "250", "10,15,20", "ddim50").
     """
