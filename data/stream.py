@@ -34,7 +34,17 @@ STATE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def to_float(images: Sequence[np.ndarray] | np.ndarray, flips: np.ndarray | None = None) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """float32 tensor; ``shared``: allocated in shared memory, so a DataLoader worker hands it to the main
+    process without the extra copy torch would otherwise make when pickling it."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(4 * int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
+def to_float(images: Sequence[np.ndarray] | np.ndarray, flips: np.ndarray | None = None,
+             shared: bool = False) -> torch.Tensor:
     """uint8 images [H, W, 3] (an array [B, H, W, 3] or a list) -> float32 [B, 3, H, W] in [-1, 1]
     (0 -> -1, 255 -> 1 exactly); ``flips[i]`` mirrors image i left-right.
 
@@ -43,7 +53,8 @@ def to_float(images: Sequence[np.ndarray] | np.ndarray, flips: np.ndarray | None
     """
     B = len(images)
     H, W = (images[0].shape[:2]) if B else (0, 0)
-    out = np.empty((B, 3, H, W), np.float32)
+    result = _empty((B, 3, H, W), shared)
+    out = result.numpy()
     for i in range(B):
         v = images[i].transpose(2, 0, 1)
         if flips is not None and flips[i]:
@@ -51,7 +62,7 @@ def to_float(images: Sequence[np.ndarray] | np.ndarray, flips: np.ndarray | None
         out[i] = v  # uint8 -> float32 cast while reading the strided view
     np.divide(out, np.float32(127.5), out=out)  # exact: 255 / 127.5 == 2
     np.subtract(out, np.float32(1.0), out=out)
-    return torch.from_numpy(out)
+    return result
 
 
 class _BadData:
@@ -125,8 +136,9 @@ class _TrainWorker:
     """Logical worker ``worker`` of ``rank``: an infinite batch stream resumable from (block, pos)."""
 
     def __init__(self, spec: _Spec, batch_size: int, seed: int, rank: int, worker: int, flip: bool,
-                 shards_per_block: int, state: dict) -> None:
+                 shards_per_block: int, state: dict, shared: bool = False) -> None:
         self.spec, self.B, self.key, self.flip, self.K = spec, batch_size, (seed, rank, worker), flip, shards_per_block
+        self.shared = shared
         self.block, self.pos = int(state["block"]), int(state["pos"])
         self.stats = _BadData(spec.max_bad_fraction, int(state["bad_before"]), int(state["seen_before"]))
         n = len(spec.urls)
@@ -176,12 +188,13 @@ class _TrainWorker:
                 if empty >= 100:
                     raise DataError(f"no readable samples in 100 consecutive blocks of {self.spec.urls[0]} ...")
         f = np.concatenate(flips) if self.flip else None
-        return to_float(views, f), torch.from_numpy(np.concatenate(labels)), self.state()
+        return to_float(views, f, self.shared), torch.from_numpy(np.concatenate(labels)), self.state()
 
 
 def _make_train_worker(spec: _Spec, batch_size: int, seed: int, rank: int, flip: bool, shards_per_block: int,
                        states: list[dict], w: int) -> _TrainWorker:
-    return _TrainWorker(spec, batch_size, seed, rank, w, flip, shards_per_block, states[w])
+    in_worker = torch.utils.data.get_worker_info() is not None
+    return _TrainWorker(spec, batch_size, seed, rank, w, flip, shards_per_block, states[w], shared=in_worker)
 
 
 class _TrainDataset(torch.utils.data.IterableDataset):
@@ -332,7 +345,7 @@ class _EvalDataset(torch.utils.data.IterableDataset):
                 while len(imgs) >= self.B or (imgs and last):
                     k = min(self.B, len(imgs))
                     lab, ix = np.concatenate(labs), np.concatenate(ids)
-                    yield to_float(imgs[:k]), torch.from_numpy(lab[:k]), torch.from_numpy(ix[:k]), w, \
+                    yield to_float(imgs[:k], shared=info is not None), torch.from_numpy(lab[:k]), torch.from_numpy(ix[:k]), w, \
                         (stats.bad, stats.seen)
                     imgs, labs, ids = imgs[k:], [lab[k:]], [ix[k:]]
         except DataError as e:
