@@ -280,15 +280,19 @@ def batch_layout(c: TrainConfig, world: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def deepspeed_config(c: TrainConfig, world: int) -> dict[str, Any]:
+def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> dict[str, Any]:
     """The generated DeepSpeed config, with the user's JSON (if any) merged over it (nested dicts merge)."""
+    if on_gpu is None:
+        import torch
+        on_gpu = torch.cuda.is_available()
     micro, accum = batch_layout(c, world)
     ds: dict[str, Any] = {
         "train_batch_size": c.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
+        # on CPU, torch's AdamW (DeepSpeed's CPU FusedAdam is a JIT-compiled op with no speed gain at our sizes)
         "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.adam_betas), "eps": 1e-8,
-                                                  "weight_decay": c.weight_decay}},
+                                                  "weight_decay": c.weight_decay, "torch_adam": not on_gpu}},
         "gradient_clipping": c.grad_clip,
         "zero_optimization": {"stage": c.zero_stage},
         "steps_per_print": 10**9,
