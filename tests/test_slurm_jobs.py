@@ -125,7 +125,7 @@ def test_two_node_training_preempted_by_usr1_requeues_and_finishes_without_lost_
     # one rank on each node, in both the first run and the requeued one
     ranks = re.findall(r"rank_env: rank (\d)/2 \(local 0\) on (node\d)", log)
     assert sorted(ranks) == [("0", "node1"), ("0", "node1"), ("1", "node2"), ("1", "node2")], log
-    assert "preempted; requeueing job" in log and "restart 1:" in log
+    assert "(preempted); requeueing job" in log and "restart 1:" in log
     assert re.search(rf"trainer: preemption signal received; saved step (\d+); exiting 75", log), log
     saved = int(re.search(r"saved step (\d+); exiting 75", log).group(1))
     assert 2 <= saved < STEPS, f"preempted at step {saved}; lower the signal delay or raise STEPS"
