@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STEPS = 8
 # CPU-sized trainer flags shared by all jobs: tiny 16 px model, 100 diffusion steps, tiny sample grids.
-TINY = ("--global-batch 4 --log-every 1 --diffusion-steps 100 --sample-grid 2 --sample-respacing 10 "
+# EMA 0.5 so that the exported (EMA) weights move away from the zero-initialised output layer in a few steps.
+TINY = ("--ema 0.5 --global-batch 4 --log-every 1 --diffusion-steps 100 --sample-grid 2 --sample-respacing 10 "
         "--image-size 16 --num-classes 10")
 # Every job: no GPUs, one CPU per task, may share CPUs with the other test jobs, a safety time limit.
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe", "--time=30"]
@@ -161,6 +162,7 @@ def test_sweep_array_trains_two_presets_and_writes_the_summary(slurm_cluster: Sl
     for r in rows:
         assert r["step"] == 4 and r["fid"] is not None and r["nll_bpd"] is not None
         assert r["train_flops"] == 3 * r["forward_flops_per_image"] * 4 * 4
+    assert rows[0]["nll_bpd"] != rows[1]["nll_bpd"]  # two different trained models, each evaluated
     assert (sweep / "summary" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     md = (sweep / "summary" / "scaling.md").read_text()
     assert "| tiny16 | tiny16 |" in md and "| tiny32 | tiny32 |" in md
