@@ -205,6 +205,24 @@ class SlurmCluster:
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def processes(self) -> str:
+        """One line per live process of this cluster's jobs (state, CPU ticks, command), for failure messages."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        lines = []
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                if marker not in (pid_dir / "environ").read_bytes():
+                    continue
+                stat = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+                wchan = (pid_dir / "wchan").read_text()
+            except OSError:
+                continue
+            lines.append(f"{pid_dir.name} {stat[0]} utime={stat[11]} wchan={wchan} {cmd}")
+        return "\n".join(sorted(lines))
+
     def _kill_leftover_steps(self) -> None:
         """End any slurmstepd started for this cluster (found by our slurm.conf path in /proc/*/environ)."""
         marker = f"SLURM_CONF={self.conf}".encode()
@@ -270,7 +288,8 @@ class SlurmCluster:
                         self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
-                           f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in recs]}")
+                           f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in recs]}; "
+                           f"processes:\n{self.processes()}")
 
 
 def slurm_skip_reason() -> str | None:

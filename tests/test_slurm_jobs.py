@@ -112,7 +112,8 @@ def test_two_node_training_preempted_by_usr1_requeues_and_finishes_without_lost_
     first = run / "checkpoints" / "step_00000002"
     end = time.monotonic() + 300
     while not first.is_dir():  # training is under way (signal handlers installed): preempt it
-        assert time.monotonic() < end, f"no first checkpoint; job: {slurm_cluster.job(job)}; {out.read_text()}"
+        assert time.monotonic() < end, (f"no first checkpoint; job: {slurm_cluster.job(job)}; {out.read_text()}; "
+                                        f"processes:\n{slurm_cluster.processes()}")
         rec = slurm_cluster.job(job)[0]
         assert rec["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()
         time.sleep(1)
