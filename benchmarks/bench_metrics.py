@@ -27,6 +27,29 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # ru_maxrss is KiB on Linux
 
 
+def render(runs: list[dict]) -> str:
+    """The results table (markdown) from all recorded runs."""
+    lines = ["# Metrics benchmark (`python -m benchmarks.bench_metrics`)", "",
+             "Precision/recall (Kynkaanniemi et al., k = 3) in row blocks, plus FID on the same features. Random",
+             "Gaussian features. Peak memory is the process's peak RSS (ru_maxrss), which includes the Python/torch",
+             "runtime and the features themselves. 'Effective GFLOP/s' = the FLOPs of all three distance passes",
+             "(2 * dim * (refs^2 + samples^2 + 2 * refs * samples)) / time; with the block early exit (a query block",
+             "stops once all its rows are covered) less work is done, so it overstates the real rate. The",
+             "development machine is shared with other engineers' jobs (load average noted where known), so",
+             "times are upper bounds.", "",
+             "| date (UTC) | machine | device | refs x samples x dim | block | P/R time (s) | effective GFLOP/s | "
+             "peak RSS after features / after P/R (GiB) | FID time (s) | note |",
+             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+    for r in runs:
+        lines.append(f"| {r['date']} | {r['machine']} | {r['device']} | {r['refs']} x {r['samples']} x {r['dim']} | "
+                     f"{r['block']} | {r['pr_seconds']} | {r['pr_gflops_per_s']} | "
+                     f"{r['peak_rss_gib_after_features']} / {r['peak_rss_gib_after_pr']} | {r['fid_seconds']} | "
+                     f"{r.get('note') or ''} |")
+    lines += ["", "Features alone: {:.3f} GiB; a full reference x reference distance matrix would need {} GiB "
+              "(arithmetic, not run).".format(runs[-1]["features_gib"], runs[-1]["full_distance_matrix_gib_avoided"])]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_metrics", description=__doc__.split("\n")[0])
     p.add_argument("--refs", type=int, default=50_000)
@@ -35,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=1024, help="rows per distance block")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=None)
+    p.add_argument("--note", default="", help="free text recorded with this run (machine load, code state)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "metrics.md"))
     a = p.parse_args(argv)
     if a.threads:
@@ -70,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "features_gib": round((a.refs + a.samples) * a.dim * 4 / 2 ** 30, 3),
         "full_distance_matrix_gib_avoided": round(a.refs * a.refs * 4 / 2 ** 30, 2),
     }
+    res["note"] = a.note
     print(json.dumps(res, indent=2))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     jpath = os.path.splitext(a.out)[0] + ".json"
@@ -79,21 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = json.load(f)
     runs.append(res)
     atomic_write_json(jpath, runs)
-    lines = ["# Metrics benchmark (`python -m benchmarks.bench_metrics`)", "",
-             "Precision/recall (Kynkaanniemi et al., k = 3) in row blocks, plus FID on the same features. Random",
-             "Gaussian features (the cost does not depend on the values). Peak memory is the process's peak RSS",
-             "(ru_maxrss), which includes the Python/torch runtime and the features themselves. The development",
-             "machine is shared with other engineers' jobs, so times are upper bounds.", "",
-             "| date (UTC) | machine | device | refs x samples x dim | block | P/R time (s) | GFLOP/s | "
-             "peak RSS after features / after P/R (GiB) | FID time (s) |",
-             "|---|---|---|---|---:|---:|---:|---|---:|"]
-    for r in runs:
-        lines.append(f"| {r['date']} | {r['machine']} | {r['device']} | {r['refs']} x {r['samples']} x {r['dim']} | "
-                     f"{r['block']} | {r['pr_seconds']} | {r['pr_gflops_per_s']} | "
-                     f"{r['peak_rss_gib_after_features']} / {r['peak_rss_gib_after_pr']} | {r['fid_seconds']} |")
-    lines += ["", "Features alone: {:.3f} GiB; a full reference x reference distance matrix would need {} GiB "
-              "(arithmetic, not run).".format(runs[-1]["features_gib"], runs[-1]["full_distance_matrix_gib_avoided"])]
-    atomic_write_text(a.out, "\n".join(lines) + "\n")
+    atomic_write_text(a.out, render(runs))
     return 0
 
 
