@@ -161,3 +161,17 @@ def test_resume_after_kill_keeps_batches(model_path, tmp_path):
     r = subprocess.run(_cmd(model_path, tmp_path / "k.npz", *args[:-1], "6"), capture_output=True, text=True,
                        cwd=ROOT, env=_env())
     assert r.returncode == 2 and "other settings" in r.stderr
+
+
+def test_unconditional_model_has_no_labels(tmp_path, capsys):
+    from diffusion.presets import get_config
+    from trainer.export import save_exported
+    cfg = get_config("tiny16", num_classes=None)
+    path = str(tmp_path / "uncond.safetensors")
+    save_exported(path, cfg.build().state_dict(), cfg.to_dict(), {"steps": 50}, step=0, ema="model")
+    assert _main(_cmd(path, tmp_path / "u.npz", "--num-samples", "2", "--respace", "3")[3:]) == 0
+    f = np.load(tmp_path / "u.npz")
+    assert f["arr_0"].shape == (2, 16, 16, 3) and "arr_1" not in f.files
+    capsys.readouterr()
+    assert _main(_cmd(path, tmp_path / "v.npz", "--num-samples", "2", "--guidance-scale", "2")[3:]) == 2
+    assert "unconditional" in capsys.readouterr().err
