@@ -11,6 +11,7 @@ Set `IDDPM_KEEP_SLURM=1` to keep the folder (logs) after the tests for debugging
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -111,6 +112,9 @@ class SlurmCluster:
             "SelectTypeParameters=CR_Core",
             "ReturnToService=2",
             "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` (no accounting DB)
+            # Random first job id: the scripts derive MASTER_PORT from the job id, so two clusters started by
+            # concurrent test sessions on one machine do not hand out the same ports.
+            f"FirstJobId={random.randrange(1000, 1_000_000)}",
             "KillWait=5",
             "InactiveLimit=0",
             "SchedulerParameters=sched_interval=2",
