@@ -4,6 +4,9 @@
 # shellcheck source=cluster/site_env.sh
 source "$IDDPM_REPO/cluster/site_env.sh"
 
+# The container/launcher prefix as words (IDDPM_LAUNCH is one string so it can travel in the environment).
+read -r -a IDDPM_LAUNCH_ARGS <<< "${IDDPM_LAUNCH:-}"
+
 EXIT_PREEMPTED=75  # trainer.EXIT_PREEMPTED: state saved, re-run the same command to resume
 
 # die MESSAGE: one clear line on stderr, exit code 2 (bad input).
@@ -40,7 +43,7 @@ srun_ranks() {
   [[ -n "$_port_fixed" ]] || MASTER_PORT=$(( _port_base + _step % 4 ))
   _step=$(( _step + 1 ))
   export MASTER_PORT
-  srun --kill-on-bad-exit=0 $IDDPM_LAUNCH "$IDDPM_REPO/cluster/rank_env.sh" "$@" || rc=$?
+  srun --kill-on-bad-exit=0 "${IDDPM_LAUNCH_ARGS[@]}" "$IDDPM_REPO/cluster/rank_env.sh" "$@" || rc=$?
   return $rc
 }
 
@@ -66,4 +69,4 @@ train_or_requeue() {
 }
 
 # py_module MODULE ARGS...: one Python CLI as a single process in the batch shell (container prefix applied).
-py_module() { $IDDPM_LAUNCH "$PYTHON" -m "$@"; }
+py_module() { "${IDDPM_LAUNCH_ARGS[@]}" "$PYTHON" -m "$@"; }
