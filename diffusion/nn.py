@@ -49,3 +49,32 @@ def zero_(module: nn.Module) -> nn.Module:
         for p in module.parameters():
             p.zero_()
     return module
+
+
+def _phase_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along `dim` (size 3) of a 3x3 kernel, the 2-tap kernels of the two output phases of a nearest-2x
+    upsample followed by the conv: phase 0 reads input rows (i-1, i) with taps (w0, w1+w2), phase 1 reads
+    (i, i+1) with taps (w0+w1, w2). Returns the kernel with `dim` replaced by (phase, tap) = (2, 2)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)], dim)
+
+
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)) with padding 1, computed without the upsampled tensor.
+
+    Each of the 4 output phases (a, b) is a 2x2 conv of x with summed taps, so the work is 4 * 2 * 2 = 16
+    taps per input pixel instead of 9 * 4 = 36 (2.25x fewer FLOPs, same function up to rounding).
+    x: [B, I, H, W], weight: [O, I, 3, 3] -> [B, O, 2H, 2W] in x's memory format (NCHW or channels_last).
+    """
+    B, _, H, W = x.shape
+    O = weight.shape[0]
+    k = _phase_taps(_phase_taps(weight, 2), 4)  # [O, I, a, ty, b, tx]
+    k = k.permute(0, 2, 4, 1, 3, 5).reshape(4 * O, -1, 2, 2)  # output channel o*4 + 2a + b
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        k = k.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, None if bias is None else bias.repeat_interleave(4))
+    y = y.unflatten(1, (O, 2, 2))  # [B, O, a, b, H+1, W+1]; phase (a, b) at output (i, j) is y[..., i + a, j + b]
+    ph = torch.stack([y[:, :, a, b, a:a + H, b:b + W] for a in (0, 1) for b in (0, 1)], 0).unflatten(0, (2, 2))
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # memory order (B, i, a, j, b, O)
+        return ph.permute(2, 4, 0, 5, 1, 3).reshape(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
+    return ph.permute(2, 3, 4, 0, 5, 1).reshape(B, O, 2 * H, 2 * W)  # (B, O, i, a, j, b)

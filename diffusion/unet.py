@@ -12,6 +12,7 @@ every residual block starts as the identity (or its skip projection).
 
 Speed notes: the SiLU of the embedding is computed once per forward instead of once per block; the group
 norm affine parameters are folded into the per-sample scale/shift (one addcmul instead of two passes);
+upsampling convs skip the 4x larger upsampled tensor (four 2x2 phase convs, 2.25x fewer FLOPs);
 attention runs on a [B, HW, C] view that is free for channels_last tensors, with one fused QKV matmul and
 torch's SDPA kernel. Group norms run in float32 under bf16/fp16 (autocast or a low-precision model).
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn import group_norm32, timestep_embedding, zero_
+from .nn import group_norm32, timestep_embedding, upsample2x_conv3x3, zero_
 
 
 class ResBlock(nn.Module):
@@ -107,14 +108,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest neighbour, then (conv=True) a 3x3 conv. Ignores the embedding."""
+    """Double H and W: nearest neighbour, then (conv=True) a 3x3 conv, computed as four 2x2 phase convs on
+    the low-resolution input (upsample2x_conv3x3: 2.25x fewer FLOPs, same function). Ignores the embedding."""
 
     def __init__(self, ch: int, conv: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if conv else nn.Identity()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if conv else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if self.conv is None:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 class UNetBlock(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from diffusion import presets
 from diffusion.presets import (PAPER_PARAMS_M, PRESETS, ModelConfig, activation_bytes, count_params, create_model,
                                create_model_from_config, forward_flops, get_config)
-from diffusion.unet import AttentionBlock
+from diffusion.unet import AttentionBlock, Upsample
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other processes
 
@@ -79,7 +79,8 @@ def test_bad_names_and_settings() -> None:
 
 def _flops_by_hooks(cfg: ModelConfig, B: int) -> int:
     """Independent FLOP count: 2*MACs of every conv and linear layer from its shapes, plus attention's
-    two batched matmuls (q k^T and a v: 2 * 2 * B * L^2 * C)."""
+    two batched matmuls (q k^T and a v: 2 * 2 * B * L^2 * C); an upsampling conv is four 2x2 phase convs
+    (4*O output channels, I inputs, 4 taps) over the (H+1) x (W+1) positions of the padded low-res input."""
     m = cfg.build()
     total = [0]
 
@@ -89,12 +90,18 @@ def _flops_by_hooks(cfg: ModelConfig, B: int) -> int:
     def lin(mod, inp, out):
         total[0] += 2 * out.numel() * mod.in_features
 
+    def up(mod, inp, out):
+        b, i, h, w = inp[0].shape
+        total[0] += 2 * b * 4 * mod.conv.out_channels * i * 4 * (h + 1) * (w + 1)
+
     def att(mod, inp, out):
         b, c, h, w = out.shape
         total[0] += 4 * b * (h * w) ** 2 * c
 
     for mod in m.modules():
-        if isinstance(mod, torch.nn.Conv2d):
+        if isinstance(mod, Upsample):
+            mod.register_forward_hook(up)
+        elif isinstance(mod, torch.nn.Conv2d) and not any(isinstance(p, Upsample) and p.conv is mod for p in m.modules()):
             mod.register_forward_hook(conv)
         elif isinstance(mod, torch.nn.Linear):
             mod.register_forward_hook(lin)

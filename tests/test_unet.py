@@ -206,6 +206,28 @@ def test_attention_matches_explicit_softmax() -> None:
     torch.testing.assert_close(blk(x), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_equals_nearest_then_conv(channels_last: bool) -> None:
+    import torch.nn.functional as F
+
+    from diffusion.nn import upsample2x_conv3x3
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    ref = F.conv2d(F.interpolate(xx, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    out = upsample2x_conv3x3(xx, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad(ref, (x, w, b), gy)
+    gb = torch.autograd.grad(out, (x, w, b), gy)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
 def test_compiles_without_graph_breaks() -> None:
     import torch._dynamo
 
