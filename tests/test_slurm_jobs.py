@@ -64,6 +64,15 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
         env=dict(env, MODEL_SIZE="tiny16", DATA=str(data / "train-manifest.json"), RUN_DIR=str(jobs["train_run"]),
                  TRAIN_ARGS=f"{TINY} --total-steps {STEPS} --save-every 2"))
 
+    # 1b. one-node training that SLURM itself warns (header's --signal=USR1@600) once its time limit is lowered
+    jobs["limit_out"] = root / "limit.out"
+    jobs["limit_run"] = root / "limit-run"
+    jobs["limit"] = slurm_cluster.sbatch(
+        "--nodes=1", "--ntasks-per-node=1", *CPU_JOB, f"--output={jobs['limit_out']}",
+        "cluster/train_imagenet64.sbatch", cwd=REPO,
+        env=dict(env, MODEL_SIZE="tiny16", DATA=str(data / "train-manifest.json"), RUN_DIR=str(jobs["limit_run"]),
+                 TRAIN_ARGS=f"{TINY} --total-steps 100000 --save-every 5 --log-every 50"))
+
     # 2. the sweep array over two tiny presets, one node each
     jobs["sweep_dir"] = root / "sweep"
     jobs["sweep"] = slurm_cluster.sbatch(
@@ -145,6 +154,35 @@ def test_two_node_training_preempted_by_usr1_requeues_and_finishes_without_lost_
     # TensorBoard: every step logged exactly once over the two runs (two event files)
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) >= 2
     assert _tb_steps(run / "tb") == list(range(1, STEPS + 1))
+
+
+def test_time_limit_warning_signal_makes_training_save_and_requeue(slurm_cluster: SlurmCluster,
+                                                                  work: dict) -> None:
+    job, run, out = work["limit"], work["limit_run"], work["limit_out"]
+    end = time.monotonic() + 300
+    while not (run / "checkpoints" / "latest").is_file():  # training is under way
+        assert time.monotonic() < end, f"no checkpoint; {out.read_text()}; processes:\n{slurm_cluster.processes()}"
+        time.sleep(1)
+    # Leave 5 minutes: less than the header's --signal=USR1@600, so SLURM sends USR1 at its next time check.
+    rec = slurm_cluster.job(job)[0]
+    h, m, sec = (int(x) for x in rec["RunTime"].split("-")[-1].split(":"))
+    limit_min = (h * 3600 + m * 60 + sec + 300) // 60 + 1
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"])
+    end = time.monotonic() + 240
+    while True:
+        rec = slurm_cluster.job(job)[0]
+        if int(rec["Restarts"]) >= 1:
+            break
+        assert rec["JobState"] in ("RUNNING", "COMPLETING"), out.read_text()
+        assert time.monotonic() < end, f"no requeue after the time-limit warning: {rec}; {out.read_text()}"
+        time.sleep(1)
+    # Requeued: stop it here (resuming to the end is covered by the USR1 test above).
+    slurm_cluster.run(["scancel", str(job)])
+    log = out.read_text()
+    saved = re.search(r"trainer: preemption signal received; saved step (\d+); exiting 75", log)
+    assert saved, log
+    assert "(preempted); requeueing job" in log
+    assert (run / "checkpoints" / f"step_{int(saved.group(1)):08d}" / "meta.json").is_file()
 
 
 def test_sweep_array_trains_two_presets_and_writes_the_summary(slurm_cluster: SlurmCluster, work: dict) -> None:

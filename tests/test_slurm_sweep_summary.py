@@ -158,3 +158,15 @@ def test_sbatch_scripts_outside_slurm_fail_with_one_line(script: str) -> None:
     p = subprocess.run(["bash", f"cluster/{script}"], cwd=REPO, env=env, capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == ["error: run this script with sbatch (SLURM_JOB_ID is not set)"]
+
+
+def test_cluster_shell_scripts_pass_shellcheck() -> None:
+    import shutil
+
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "cluster").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) == 9
+    p = subprocess.run(["shellcheck", "-x", "-P", "SCRIPTDIR/..", "-s", "bash", *scripts], cwd=REPO,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
