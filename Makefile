@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	# torch-fidelity's Inception port is used without torchvision (see evaluations/inception.py).
+	# torch-fidelity's Inception port is used without torchvision (see evaluations/features.py).
 	$(BIN)/pip install -q --no-deps -c constraints.txt torch-fidelity
 	touch $(STAMP)
 
