@@ -120,24 +120,30 @@ def make_runner(model: torch.nn.Module, args, device: torch.device):
             for _ in range(n):
                 step()
             torch.cuda.synchronize()
+            run.cpu_s = float("nan")
             return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
         with PeakRSS() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 step()
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        run.cpu_s = cpu  # CPU seconds of the whole process (all threads), less sensitive to other load
         return dt, mem.peak - mem.base
 
     return run
 
 
-def counted_flops(model: torch.nn.Module, args, device: torch.device) -> int:
+def counted_flops(build, args) -> int:
+    """Forward FLOPs per image of the model `build()` makes, counted on the meta device (attention through
+    SDPA's math path, so that its two matmuls are counted whatever kernel the real device would pick)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        model = build()
     s = args.image_size
-    x = torch.zeros(1, 3, s, s, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    y = torch.zeros(1, dtype=torch.long, device=device)
+    x = torch.zeros(1, 3, s, s, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x, t, y)
     return fc.get_total_flops()
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, torch.nn.Module] = {}
     ours = create_model(args.preset).to(device)
     models["ours (channels_last)"] = ours
+    models["ours (contiguous)"] = create_model(args.preset).to(device)
     if args.checkpoint:
         models["ours + checkpointing"] = create_model(args.preset, use_checkpoint=True).to(device)
     if not args.no_diffusers:
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     wrapped = {}
     for name, m in models.items():
         w = _Call(m, name.startswith("diffusers")).to(device)
-        w._channels_last = "channels_last" in name or name.startswith("ours")
+        w._channels_last = "contiguous" not in name and ("channels_last" in name or name.startswith("ours"))
         if w._channels_last:
             w.to(memory_format=torch.channels_last)
         wrapped[name] = w
@@ -208,12 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 c._channels_last = wrapped[name]._channels_last
                 wrapped[name + " + torch.compile"] = c
 
-    flops = {n: counted_flops(w, args, device) for n, w in wrapped.items() if "compile" not in n}
+    f_ours = counted_flops(lambda: _Call(create_model(args.preset), False), args)
+    f_diff = 0 if args.no_diffusers else counted_flops(lambda: _Call(diffusers_twin(cfg), True), args)
+    flops = {n: f_diff if n.startswith("diffusers") else f_ours for n in wrapped}
     runners = {n: make_runner(w, args, device) for n, w in wrapped.items()}
     for n, r in runners.items():  # warm-up (allocations, oneDNN primitive caches, compilation)
         r(args.warmup)
         print(f"warmed up: {n}", file=sys.stderr)
     ips: dict[str, list[float]] = {n: [] for n in runners}
+    cpu_per_img: dict[str, list[float]] = {n: [] for n in runners}
     mem: dict[str, int] = {n: 0 for n in runners}
     load = []
     for rep in range(args.repeats):
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, r in runners.items():  # alternate the models in every repeat
             dt, m = r(args.steps)
             ips[n].append(args.batch * args.steps / dt)
+            cpu_per_img[n].append(r.cpu_s / (args.batch * args.steps))
             mem[n] = max(mem[n], m)
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in ips.items()), file=sys.stderr)
 
@@ -234,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         base = n.replace(" + torch.compile", "")
         f = flops.get(base, 0)
         row = {"model": n, "images_per_s_median": med, "images_per_s_all": ips[n], "peak_mem_mib": mem[n] / 2**20,
+               "cpu_s_per_image_median": statistics.median(cpu_per_img[n]), "cpu_s_per_image_all": cpu_per_img[n],
                "forward_gflops_per_image": f / 1e9, "params": count_params(models.get(base, ours))}
         if device.type == "cuda" and peak:
             row["mfu"] = 3 * f * med / (peak * 1e12)
@@ -254,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{args.preset} batch {args.batch} {args.dtype} {result['device']} threads {args.threads} "
           f"load {min(load):.1f}-{max(load):.1f}")
-    print(f"{'model':<44} {'img/s':>8} {'vs diffusers':>12} {'peak MiB':>9} {'GFLOPs/img':>10}" + ("  MFU" if peak else ""))
+    print(f"{'model':<44} {'img/s':>8} {'vs diffusers':>12} {'CPU-s/img':>9} {'peak MiB':>9} {'GFLOPs/img':>10}" + ("  MFU" if peak else ""))
     for r in rows:
         print(f"{r['model']:<44} {r['images_per_s_median']:>8.2f} {r.get('speedup_vs_diffusers', float('nan')):>11.2f}x "
+              f"{r['cpu_s_per_image_median']:>9.3f} "
               f"{r['peak_mem_mib']:>9.0f} {r['forward_gflops_per_image']:>10.2f}" + (f"  {r['mfu']:.1%}" if "mfu" in r else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

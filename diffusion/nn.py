@@ -27,6 +27,47 @@ class GroupNorm32(nn.GroupNorm):
         return group_norm32(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
+class GroupNormSiLU(nn.GroupNorm):
+    """SiLU(GroupNorm(x)) with the norm in float32; output in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(group_norm32(x, self.num_groups, self.weight, self.bias, self.eps)).to(x.dtype)
+
+
+class ScaleShiftGroupNormSiLU(nn.GroupNorm):
+    """Adaptive group norm: SiLU(GN(h) * (1 + scale) + shift), computed in float32, output in h's dtype.
+
+    h: [B, C, H, W]; e: [B, 2C] (scale, shift) when scale_shift, else [B, C] added before the norm.
+    The affine GN parameters (w, b) are folded into the per-sample affine: GN0(h) * s + t with
+    s = w (1 + scale) and t = b (1 + scale) + shift, one addcmul instead of two passes over h.
+    """
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, scale_shift: bool = True) -> torch.Tensor:
+        e = e.float()[:, :, None, None]
+        if scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            w, b = self.weight.float()[:, None, None], self.bias.float()[:, None, None]
+            out = torch.addcmul(torch.addcmul(shift, b, 1.0 + scale), group_norm32(h, self.num_groups, None, None, self.eps),
+                                w * (1.0 + scale))
+        else:
+            out = group_norm32(h.float() + e, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(out).to(h.dtype)
+
+
+class CastConv2d(nn.Conv2d):
+    """Conv2d that first casts its input to the weight dtype (models held in bf16/fp16 take fp32 inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class CastLinear(nn.Linear):
+    """Linear that first casts its input to the weight dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (as in the Transformer / DDPM).
 

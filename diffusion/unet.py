@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn import group_norm32, timestep_embedding, upsample2x_conv3x3, zero_
+from .nn import (CastConv2d, CastLinear, GroupNorm32, GroupNormSiLU, ScaleShiftGroupNormSiLU, timestep_embedding,
+                 upsample2x_conv3x3, zero_)
 
 
 class ResBlock(nn.Module):
@@ -40,34 +41,23 @@ class ResBlock(nn.Module):
                  num_groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__()
         self.up, self.down, self.scale_shift = up, down, use_scale_shift_norm
-        self.num_groups, self.eps = num_groups, eps
-        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps)
+        self.norm1 = GroupNormSiLU(num_groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_ch, 2 * out_ch if use_scale_shift_norm else out_ch)
-        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps)
+        self.norm2 = ScaleShiftGroupNormSiLU(num_groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        G, eps = self.num_groups, self.eps
-        h = F.silu(group_norm32(x, G, self.norm1.weight, self.norm1.bias, eps)).to(x.dtype)
+        # Every parameter is used inside its own module's forward (DeepSpeed ZeRO-3 gathers per module).
+        h = self.norm1(x)
         if self.up:
             h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
         elif self.down:
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
-        h = self.conv1(h)
-        e = self.emb(emb).float()[:, :, None, None]  # [B, 2*out_ch or out_ch, 1, 1]
-        w, b = self.norm2.weight.float()[:, None, None], self.norm2.bias.float()[:, None, None]
-        if self.scale_shift:
-            # GN(h)*w + b, then *(1+scale) + shift, folded into one per-sample affine: hn*s + t.
-            scale, shift = e.chunk(2, dim=1)
-            s = w * (1.0 + scale)
-            h = torch.addcmul(torch.addcmul(shift, b, 1.0 + scale), group_norm32(h, G, None, None, eps), s)
-        else:
-            h = group_norm32(h.float() + e, G, self.norm2.weight, self.norm2.bias, eps)
-        h = self.dropout(F.silu(h).to(x.dtype))
-        h = self.conv2(h)
+        h = self.norm2(self.conv1(h), self.emb(emb), self.scale_shift)
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -82,14 +72,13 @@ class AttentionBlock(nn.Module):
         if ch % num_heads:
             raise ValueError(f"attention channels {ch} are not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(num_groups, ch, eps)
+        self.norm = GroupNorm32(num_groups, ch, eps)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.proj = zero_(nn.Linear(ch, ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = group_norm32(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps).to(x.dtype)
-        h = h.flatten(2).transpose(1, 2)  # [B, L, C], a free view for channels_last
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, L, C], a free view for channels_last
         q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, C // self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, C/heads], softmax(q k^T / sqrt(d)) v
         a = self.proj(a.transpose(1, 2).flatten(2))  # [B, L, C]
@@ -113,12 +102,15 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int, conv: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if conv else None
+        self.use_conv = conv
+        if conv:  # the conv's parameters live here, where they are used (ZeRO-3 gathers per module)
+            c = nn.Conv2d(ch, ch, 3, padding=1)
+            self.weight, self.bias = c.weight, c.bias
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.conv is None:
+        if not self.use_conv:
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
+        return upsample2x_conv3x3(x, self.weight, self.bias)
 
 
 class UNetBlock(nn.Module):
@@ -192,9 +184,9 @@ class UNetModel(nn.Module):
         def attn(ch: int, r: int) -> AttentionBlock | None:
             return AttentionBlock(ch, heads(ch), num_groups=num_groups) if r in attn_res else None
 
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.time_embed = nn.Sequential(CastLinear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
-        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.conv_in = CastConv2d(in_channels, model_channels, 3, padding=1)
 
         ch, r, chans = model_channels, image_size, [model_channels]
         self.enc = nn.ModuleList()
@@ -220,7 +212,7 @@ class UNetModel(nn.Module):
                     body = res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample)
                     self.dec.append(UNetBlock(body))
                     r *= 2
-        self.norm_out = nn.GroupNorm(num_groups, ch)
+        self.norm_out = GroupNormSiLU(num_groups, ch)
         self.conv_out = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def _run(self, blk: UNetBlock, h: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,12 +226,12 @@ class UNetModel(nn.Module):
         if (y is None) != (self.num_classes is None):
             raise ValueError("class-conditional model needs y (use y = num_classes for the null label)"
                              if y is None else "unconditional model (num_classes=None) takes no labels y")
-        dtype = self.conv_in.weight.dtype  # parameters may be bf16/fp16 (DeepSpeed) or fp32 (autocast)
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
+        # Parameters may be bf16/fp16 (a DeepSpeed engine) or fp32 (autocast): the Cast* layers cast inputs.
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
         emb = F.silu(emb)  # every consumer (the ResBlocks' projections) starts with SiLU
-        h = self.conv_in(x.to(dtype))
+        h = self.conv_in(x)
         skips = [h]
         for blk in self.enc:
             h = self._run(blk, h, emb)
@@ -248,6 +240,4 @@ class UNetModel(nn.Module):
             h = self._run(blk, h, emb)
         for blk in self.dec:
             h = self._run(blk, h, emb, skips.pop() if blk.takes_skip else None)
-        n = self.norm_out
-        h = F.silu(group_norm32(h, n.num_groups, n.weight, n.bias, n.eps)).to(h.dtype)
-        return self.conv_out(h).to(x.dtype)
+        return self.conv_out(self.norm_out(h)).to(x.dtype)

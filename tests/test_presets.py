@@ -92,7 +92,7 @@ def _flops_by_hooks(cfg: ModelConfig, B: int) -> int:
 
     def up(mod, inp, out):
         b, i, h, w = inp[0].shape
-        total[0] += 2 * b * 4 * mod.conv.out_channels * i * 4 * (h + 1) * (w + 1)
+        total[0] += 2 * b * 4 * mod.weight.shape[0] * i * 4 * (h + 1) * (w + 1)
 
     def att(mod, inp, out):
         b, c, h, w = out.shape
@@ -101,7 +101,7 @@ def _flops_by_hooks(cfg: ModelConfig, B: int) -> int:
     for mod in m.modules():
         if isinstance(mod, Upsample):
             mod.register_forward_hook(up)
-        elif isinstance(mod, torch.nn.Conv2d) and not any(isinstance(p, Upsample) and p.conv is mod for p in m.modules()):
+        elif isinstance(mod, torch.nn.Conv2d):
             mod.register_forward_hook(conv)
         elif isinstance(mod, torch.nn.Linear):
             mod.register_forward_hook(lin)

@@ -101,7 +101,7 @@ def to_diffusers(ours: UNetModel, levels: int, nrb: int, attn_levels: set[int], 
                 res(f"dec.{i}.body", f"up_blocks.{u}.upsamplers.0")
             else:
                 for w in ("weight", "bias"):
-                    sd[f"up_blocks.{u}.upsamplers.0.conv.{w}"] = src[f"dec.{i}.body.conv.{w}"]
+                    sd[f"up_blocks.{u}.upsamplers.0.conv.{w}"] = src[f"dec.{i}.body.{w}"]
             i += 1
     assert len(sd) == len(d.state_dict()), "every diffusers tensor is mapped"
     d.load_state_dict(sd, strict=True)
@@ -272,3 +272,17 @@ def test_tiny_model_overfits_one_batch_under_hybrid_loss() -> None:
         losses.append(loss.item())
     assert all(map(lambda v: v == v, losses))
     assert min(losses[-5:]) < losses[0] / 10, (losses[0], losses[-5:])
+
+
+def test_every_parameter_owner_runs_forward() -> None:
+    """DeepSpeed ZeRO-3 gathers a module's own parameters when that module's forward runs: so every module
+    holding parameters must be called (none may be used only through a parent's forward)."""
+    m = small(resblock_updown=False)
+    called = set()
+    owners = [mod for mod in m.modules() if any(True for _ in mod.parameters(recurse=False))]
+    for mod in owners:
+        mod.register_forward_pre_hook(lambda mod, args: called.add(id(mod)))
+    x, t, y = batch()
+    m(x, t, y)
+    missed = [type(mod).__name__ for mod in owners if id(mod) not in called]
+    assert not missed, missed
