@@ -274,14 +274,28 @@ class SlurmCluster:
         """Poll until every record of the job is in one of `states`; returns the records.
 
         With `release_requeued`, a job that was requeued and waits on its begin time (about two minutes in
-        SLURM) is made eligible at once with `scontrol update JobId=.. StartTime=now`.
+        SLURM) is made eligible at once with `scontrol update JobId=.. StartTime=now`, and a final state
+        counts only once it held for three polls (while `scontrol requeue` runs, a job can show a final
+        state for a moment before it returns to PENDING). `self.history` records the state changes seen.
         """
+        settle = 3 if release_requeued else 1
         end = time.monotonic() + timeout
+        start = time.monotonic()
         recs: list[dict[str, str]] = []
+        self.history: list[tuple[float, str]] = []
+        held = 0
         while time.monotonic() < end:
             recs = self.job(job_id)
+            seen = ",".join(f"{r.get('JobState')}/restarts={r.get('Restarts')}" for r in recs)
+            if not self.history or self.history[-1][1] != seen:
+                self.history.append((round(time.monotonic() - start, 1), seen))
             if recs and all(r.get("JobState") in states for r in recs):
-                return recs
+                held += 1
+                if held >= settle:
+                    return recs
+                time.sleep(1.0)
+                continue
+            held = 0
             stuck = [r for r in recs if r.get("JobState") == "PENDING" and r.get("Reason") in NEVER_RUNS]
             if stuck:
                 raise RuntimeError(f"job {stuck[0].get('JobId')} can never run here: Reason={stuck[0]['Reason']}")
@@ -293,7 +307,7 @@ class SlurmCluster:
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
                            f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in recs]}; "
-                           f"processes:\n{self.processes()}")
+                           f"states seen: {self.history}; processes:\n{self.processes()}")
 
 
 def slurm_skip_reason() -> str | None:

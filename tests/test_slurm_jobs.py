@@ -129,8 +129,8 @@ def test_two_node_training_preempted_by_usr1_requeues_and_finishes_without_lost_
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
     rec = slurm_cluster.wait(job, timeout=420, release_requeued=True)[0]
     log = out.read_text()
-    assert rec["JobState"] == "COMPLETED", log
-    assert rec["Restarts"] == "1", log
+    assert rec["JobState"] == "COMPLETED", (slurm_cluster.history, log)
+    assert rec["Restarts"] == "1", (slurm_cluster.history, log)
     assert rec["NodeList"] == "node[1-2]" and rec["NumTasks"] == "2"
 
     # one rank on each node, in both the first run and the requeued one
