@@ -1,13 +1,26 @@
-"""Shared pytest set-up: marker handling and common fixtures."""
+"""Shared pytest set-up: thread counts, one JIT cache, environment isolation, the `gpu` marker."""
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+# One OpenMP thread per process: multi-rank tests start two processes on a 2-core machine, and spinning
+# OpenMP threads fighting over cores make tiny steps 50x slower. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One JIT cache for DeepSpeed's CPU ops across all tests (the first build takes about a minute).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Undo any change a test (or code it runs in-process, e.g. launcher discovery) makes to os.environ,
+    so that RANK/MASTER_PORT and the like never leak into later tests or the jobs they submit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -35,6 +35,9 @@ NEVER_RUNS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "Partit
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 class SlurmUnavailable(RuntimeError):
     """SLURM or munge is missing or would not start (the tests then skip with this reason)."""
 
@@ -68,7 +71,9 @@ class SlurmCluster:
         self.root = Path(tempfile.mkdtemp(prefix="iddpm-slurm-", dir="/tmp"))
         self.conf = self.root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        # Jobs must see a login-shell-like environment: no launcher variables left by this process or a test.
+        self.env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+        self.env["SLURM_CONF"] = str(self.conf)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "SlurmCluster":
