@@ -23,5 +23,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed and not slurm"
 
+demo: $(STAMP)
+	$(BIN)/python -m trainer.demo --run-dir runs/demo
+
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

@@ -119,8 +119,8 @@ for _size in ("30M", "70M", "120M", "270M"):  # the model-size sweep (hybrid los
 # the `make demo` recipe: 16 px digits, tiny UNet, CFG label dropout, loss-aware sampler
 RECIPES["digits-demo"] = dict(model_size="tiny16", image_size=16, num_classes=10, diffusion_steps=1000,
                               noise_schedule="cosine", loss="hybrid", timestep_sampler="loss-second-moment",
-                              label_dropout=0.1, global_batch=64, lr=1e-3, warmup_steps=100, ema="0.995,0.99",
-                              total_steps=1000, log_every=50, save_every=250, sample_every=500,
+                              label_dropout=0.1, global_batch=64, lr=1e-3, warmup_steps=100, ema="0.995",
+                              total_steps=600, log_every=50, save_every=200, sample_every=0,
                               sample_respacing="50", sample_guidance=2.0, grad_clip=1.0, flip=False)
 
 
