@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
-import tempfile
 import zipfile
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
+
+# One implementation of atomic writes (temp name, fsync, rename, fsync folder) for the trainer and evaluations.
+from trainer.fsio import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 
 EXIT_BAD_INPUT = 2
 
@@ -26,39 +27,6 @@ def die(msg: str, prog: str) -> NoReturn:
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` for a temporary file next to `path`, fsync it, rename it to `path`, fsync the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, w)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
 
 def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
     """np.savez to `path` atomically (the file object form, so numpy does not append '.npz' to the temp name)."""
