@@ -26,5 +26,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m trainer.demo --run-dir runs/demo
 
+# Benchmarks (minutes each on 2 CPU cores; results with machine and date in benchmarks/results/).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_diffusion
+	$(BIN)/python -m benchmarks.bench_unet --preset 30M --batch 4 --threads 2
+	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_trainer
+	$(BIN)/python -m benchmarks.bench_metrics
+
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
