@@ -36,6 +36,9 @@ for step in range(%(STEPS)d):
     n = 3 + rank
     s.update_with_local_losses(torch.randint(0, %(T)d, (n,), generator=g), torch.rand(n, generator=g, dtype=torch.float64), gather)
 save_file({k: v.contiguous() for k, v in s.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+if kind != "mpi":  # a gloo group left alive at interpreter exit can abort the process (SIGABRT)
+    dist.barrier()
+    dist.destroy_process_group()
 """ % {"T": T, "STEPS": STEPS}
 
 
