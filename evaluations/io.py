@@ -38,6 +38,17 @@ def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def load_model(path: str, device: Any) -> tuple[Any, dict, dict]:
+    """Exported weights (trainer.export) -> (model, diffusion kwargs, meta); a missing or broken file is a UsageError."""
+    from trainer.export import load_exported
+    if not os.path.isfile(path):
+        raise UsageError(f"--model {path}: no such file (export one with python -m trainer.export RUN_DIR)")
+    try:
+        return load_exported(path, device=device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {path}: cannot load exported model ({e})") from None
+
+
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes (read in 4 MiB chunks)."""
     h = hashlib.sha256()

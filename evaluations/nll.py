@@ -23,14 +23,13 @@ import numpy as np
 import torch
 
 from evaluations import dist
-from evaluations.io import UsageError, atomic_save_npz, atomic_write, atomic_write_json, atomic_write_text, die
+from evaluations.io import UsageError, load_model, atomic_save_npz, atomic_write, atomic_write_json, atomic_write_text, die
 
 PROG = "evaluations.nll"
 
 
 def run(a: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate this rank's share; rank 0 gathers, checks every image was seen once, and returns the report."""
-    from trainer.export import load_exported
     from diffusion import create_diffusion
     from data.stream import EvalStream
     from data.errors import DataError
@@ -39,9 +38,7 @@ def run(a: argparse.Namespace) -> dict[str, Any] | None:
     device = dist.device_for(ranks, a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not os.path.isfile(a.model):
-        raise UsageError(f"--model {a.model}: no such file (export one with python -m trainer.export RUN_DIR)")
-    model, dkw, meta = load_exported(a.model, device=device)
+    model, dkw, meta = load_model(a.model, device)
     try:
         diffusion = create_diffusion(**{**dkw, "timestep_respacing": a.respace or ""})
     except ValueError as e:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from evaluations import dist
-from evaluations.io import UsageError, atomic_save_npz, atomic_write_json, die, load_npz
+from evaluations.io import UsageError, load_model, atomic_save_npz, atomic_write_json, die, load_npz
 
 PROG = "evaluations.sample"
 
@@ -98,7 +98,6 @@ def _read_part(path: str, n: int) -> dict[str, np.ndarray] | None:
 
 def run(a: argparse.Namespace) -> dict[str, Any] | None:
     """Sample on this rank; rank 0 assembles the output. Returns rank 0's report (None elsewhere)."""
-    from trainer.export import load_exported
     from diffusion import create_diffusion
     from diffusion.guidance import ClassifierFreeGuidance
 
@@ -106,12 +105,7 @@ def run(a: argparse.Namespace) -> dict[str, Any] | None:
     device = dist.device_for(ranks, a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not os.path.isfile(a.model):
-        raise UsageError(f"--model {a.model}: no such file (export one with python -m trainer.export RUN_DIR)")
-    try:
-        model, dkw, meta = load_exported(a.model, device=device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UsageError(f"--model {a.model}: cannot load exported model ({e})") from None
+    model, dkw, meta = load_model(a.model, device)
     num_classes = meta["model"].get("num_classes")
     try:
         diffusion = create_diffusion(**{**dkw, "timestep_respacing": respacing_of(a)})
