@@ -334,7 +334,12 @@ def test_trains_under_deepspeed_zero3_with_checkpointing(tmp_path) -> None:
     script = tmp_path / "zero3_unet.py"
     script.write_text(_ZERO3_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", str(script)], cwd=tmp_path,
+    import socket
+    with socket.socket() as sock:  # a free rendezvous port: the launcher's default 29500 may be taken
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
+                        str(script)], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=600)
     lines = [ln.split("RESULT ", 1)[1] for ln in r.stdout.splitlines() if "RESULT " in ln]
     assert r.returncode == 0 and len(lines) == 2, r.stdout[-3000:] + r.stderr[-3000:]
