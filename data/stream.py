@@ -125,6 +125,14 @@ class _Spec:
                           expected=None if self.counts is None else self.counts[i])
 
 
+def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
+    """(rank, world_size) checked: world_size >= 1 and 0 <= rank < world_size."""
+    world_size, rank = _check_int("world_size", world_size, 1), _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} must be < world_size {world_size}")
+    return rank, world_size
+
+
 def _check_int(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -230,10 +238,7 @@ class TrainStream:
                  max_bad_fraction: float = 0.01, shards_per_block: int = 4, prefetch_factor: int = 2,
                  multiprocessing_context: str | None = None) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {rank} must be < world_size {world_size}")
+        self.rank, self.world_size = _check_rank(rank, world_size)
         self.seed, self.num_workers = _check_int("seed", seed, 0), _check_int("num_workers", num_workers, 0)
         self.shards_per_block = _check_int("shards_per_block", shards_per_block, 1)
         self.flip, self.prefetch_factor, self.mp_context = bool(flip), prefetch_factor, multiprocessing_context
@@ -361,10 +366,7 @@ class EvalStream:
                  num_workers: int = 0, max_bad_fraction: float = 0.01,
                  multiprocessing_context: str | None = None) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {rank} must be < world_size {world_size}")
+        self.rank, self.world_size = _check_rank(rank, world_size)
         self.num_workers, self.mp_context = _check_int("num_workers", num_workers, 0), multiprocessing_context
         self.spec = _Spec(source, max_bad_fraction)
         self.image_size, self.num_classes = self.spec.shape, self.spec.num_classes
