@@ -133,24 +133,15 @@ def test_zero1_deepspeed_launcher_tensorboard_and_export(digits, tmp_path) -> No
     assert torch.isfinite(x).all() and x.shape == (2, 3, 16, 16)
 
 
-def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
-    """ZeRO-3 in bf16 under mpiexec with the MPI sampler sync. The two EMA rates a, b after two steps satisfy
-    e = a^2 p0 + a(1-a) p1 + (1-a) p2 with p0 the seeded initial weights and p2 the saved fp32 master weights;
-    solving each rate for the unseen p1 must give the same p1 (so the EMA tracks the fp32 masters in order)."""
-    run_dir = str(tmp_path / "run")
-    cmd = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, "-m", "trainer.main", "--data", digits,
-           "--run-dir", run_dir, *BASE, "--zero-stage", "3", "--precision", "bf16", "--sampler-sync", "mpi",
-           "--total-steps", "2"]
-    r = run(cmd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "mpi launch, 2 rank(s)" in r.stdout
+def check_two_step_ema(run_dir: str, w: dict[str, torch.Tensor]) -> None:
+    """After two bf16 steps the EMA rates a in (0.9, 0.5) satisfy e = a^2 p0 + a(1-a) p1 + (1-a) p2, with p0 the
+    seeded initial weights and p2 the saved fp32 masters; solving each rate for the unseen p1 must agree."""
     from diffusion.presets import create_model_from_config
     import json
     meta = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000002", "meta.json")))
     torch.manual_seed(3)
     # in bf16 DeepSpeed casts the module first, so the fp32 master weights start from bf16-rounded p0
     p0 = {k: v.detach().bfloat16() for k, v in create_model_from_config(meta["model"]).named_parameters()}
-    w = weights(run_dir)
     p1 = {}
     for a in (0.9, 0.5):
         p1[a] = {k: (w[f"ema_{a}/{k}"].double() - a * a * p0[k].double() - (1 - a) * w[f"model/{k}"].double())
@@ -160,6 +151,33 @@ def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
         torch.testing.assert_close(p1[0.9][k], p1[0.5][k], rtol=0, atol=2e-5)
         moved = max(moved, (w[f"model/{k}"].double() - p0[k].double()).abs().max().item())
     assert moved > 1e-4  # the weights did train
+
+
+def test_zero2_bf16_sharded_ema_closed_form(digits, tmp_path, procs_cleanup) -> None:
+    """ZeRO-2 in bf16 on two srun-style ranks: each rank averages its fragments of the flat fp32 masters; the
+    assembled EMA obeys the two-step closed form (see check_two_step_ema)."""
+    run_dir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    args = ["--data", digits, *BASE, "--zero-stage", "2", "--precision", "bf16", "--total-steps", "2",
+            "--run-dir", run_dir]
+    assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
+    check_two_step_ema(run_dir, weights(run_dir))
+
+
+def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
+    """ZeRO-3 in bf16 under mpiexec with the MPI sampler sync, every tensor partitioned: each rank averages its
+    partitions of the fp32 masters and the assembled EMA obeys the two-step closed form (check_two_step_ema);
+    the EMA and the raw weights export."""
+    run_dir = str(tmp_path / "run")
+    ds_json = tmp_path / "ds.json"  # partition every tensor of the tiny model (DeepSpeed keeps < 1e5 whole)
+    ds_json.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+    cmd = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, "-m", "trainer.main", "--data", digits,
+           "--run-dir", run_dir, *BASE, "--zero-stage", "3", "--precision", "bf16", "--sampler-sync", "mpi",
+           "--total-steps", "2", "--deepspeed-config", str(ds_json)]
+    r = run(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "mpi launch, 2 rank(s)" in r.stdout
+    w = weights(run_dir)
+    check_two_step_ema(run_dir, w)
 
     for ema in ("0.5", "model"):
         out = str(tmp_path / f"{ema}.safetensors")

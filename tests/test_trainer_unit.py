@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.config import RECIPES, TrainConfig, batch_layout, deepspeed_config, parse_config
-from trainer.ema import EMA
+from trainer.ema import EMA, Shard
 from trainer.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,24 +21,81 @@ def test_ema_matches_closed_form() -> None:
     torch.manual_seed(0)
     seq = [torch.randn(5, 3, dtype=torch.float64) for _ in range(41)]
     rates = ["0.9", "0.5", "0.99"]
-    ema = EMA(rates, {"w": seq[0].float()})
+    w = seq[0].float()
+    ema = EMA(rates, [Shard("w", w.shape, 0, w.view(-1))], sharded=False)
     for p in seq[1:]:
-        ema.update({"w": p.float()})
+        w.copy_(p)  # the optimizer updates the masters in place; the EMA reads them through its view
+        ema.update()
     n = len(seq) - 1
     for r in rates:
         rf = float(r)
         want = rf ** n * seq[0] + sum((1 - rf) * rf ** (n - k) * seq[k] for k in range(1, n + 1))
-        got = ema.state_dict(r)["w"]
-        assert got.dtype == torch.float32
+        got = ema.full_state_dict(r, [("w", w.shape)])["w"]
+        assert got.dtype == torch.float32 and got.shape == (5, 3)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
 
 
 def test_ema_of_bf16_source_accumulates_in_fp32() -> None:
-    ema = EMA(["0.999"], {"w": torch.zeros(4)})
+    w = torch.zeros(4, dtype=torch.bfloat16)
+    ema = EMA(["0.999"], [Shard("w", w.shape, 0, w)], sharded=False)
+    w.fill_(1)
     for _ in range(10):
-        ema.update({"w": torch.ones(4, dtype=torch.bfloat16)})
+        ema.update()
     want = 1 - 0.999 ** 10  # 0.00995..., below bf16 resolution near 1 but exact in fp32
-    torch.testing.assert_close(ema.state_dict("0.999")["w"], torch.full((4,), want), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ema.full_state_dict("0.999", [("w", w.shape)])["w"], torch.full((4,), want),
+                               rtol=1e-5, atol=0)
+
+
+def test_ema_load_takes_each_shard_from_the_full_tensor() -> None:
+    a, b = torch.zeros(3), torch.zeros(2)  # two ranks' fragments of one [5] parameter, as shards
+    left = EMA(["0.5"], [Shard("w", torch.Size([5]), 0, a)], sharded=True)
+    right = EMA(["0.5"], [Shard("w", torch.Size([5]), 3, b)], sharded=True)
+    full = {"w": torch.arange(5.0)}
+    left.load("0.5", full), right.load("0.5", full)
+    assert left.shadow["0.5"][0].tolist() == [0, 1, 2] and right.shadow["0.5"][0].tolist() == [3, 4]
+    with pytest.raises(ValueError, match="shape"):
+        left.load("0.5", {"w": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="missing"):
+        left.load("0.5", {"v": torch.zeros(5)})
+
+
+def _sharded_ema_rank(rank: int, port: int, q) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # parameter u [2, 3] split 4 | 2, parameter v [3] held whole by rank 1
+    full_u, full_v = torch.arange(6.0).view(2, 3), torch.tensor([10.0, 11.0, 12.0])
+    shards = [Shard("u", full_u.shape, 0, full_u.view(-1)[:4].clone())] if rank == 0 else \
+        [Shard("u", full_u.shape, 4, full_u.view(-1)[4:].clone()), Shard("v", full_v.shape, 0, full_v.clone())]
+    ema = EMA(["0.5"], shards, sharded=True)
+    for s in shards:
+        s.master.mul_(3)  # one step toward 3 x: ema = 0.5 x + 0.5 * 3x = 2x
+    ema.update()
+    out = ema.full_state_dict("0.5", [("u", full_u.shape), ("v", full_v.shape)])
+    masters = ema.full_masters([("u", full_u.shape), ("v", full_v.shape)])
+    q.put((rank, out, masters))
+    dist.destroy_process_group()
+
+
+def test_sharded_ema_assembles_full_tensors_on_rank0_over_gloo() -> None:
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_sharded_ema_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (o, m)) for r, o, m in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got[1] == (None, None)
+    out, masters = got[0]
+    torch.testing.assert_close(out["u"], 2 * torch.arange(6.0).view(2, 3))
+    torch.testing.assert_close(out["v"], torch.tensor([20.0, 22.0, 24.0]))
+    torch.testing.assert_close(masters["u"], 3 * torch.arange(6.0).view(2, 3))
 
 
 def test_batch_layout_and_errors() -> None:

@@ -290,17 +290,19 @@ def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> 
         "train_batch_size": c.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        # on CPU, torch's AdamW (DeepSpeed's CPU FusedAdam is a JIT-compiled op with no speed gain at our sizes)
+        # on CPU, torch's fused AdamW (3.4x faster than its default per-tensor loop for 30M parameters on one
+        # thread; DeepSpeed's CPU FusedAdam is a JIT-compiled op); on GPU, DeepSpeed's FusedAdam
         "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.adam_betas), "eps": 1e-8,
-                                                  "weight_decay": c.weight_decay, "torch_adam": not on_gpu}},
+                                                  "weight_decay": c.weight_decay,
+                                                  **({} if on_gpu else {"torch_adam": True, "fused": True})}},
         "gradient_clipping": c.grad_clip,
         "zero_optimization": {"stage": c.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if c.zero_stage == 3:
-        # small thresholds keep every parameter partitioned, also in tiny test models
-        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 10**9})
+    # ZeRO-3 keeps DeepSpeed's default stage3_param_persistence_threshold (1e5 elements): smaller parameters stay
+    # whole on every rank. 30M: 80 of 451 tensors, 88% of the weights, are partitioned; 270M: 99.8%. Tests set it
+    # to 0 through --deepspeed-config to partition everything in tiny models.
     if c.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif c.precision == "fp16":

@@ -1,63 +1,134 @@
-"""Exponential moving averages of the weights, kept in fp32 on one rank, for several rates at once.
+"""Exponential moving averages of the fp32 master weights, sharded like the masters, for several rates at once.
 
     ema <- rate * ema + (1 - rate) * theta        (after every optimizer step)
 
-`theta` is the fp32 master copy of the weights at every ZeRO stage and precision (see `full_params`):
-the module parameters themselves in fp32 at ZeRO 0-2, gathered with `GatheredParameters` at ZeRO-3, and
-DeepSpeed's fp32 master partitions (`safe_get_full_fp32_param`) in bf16/fp16. Collective: all ranks call it.
+`theta` is the fp32 master copy of the weights at every ZeRO stage and precision. Each rank averages only the
+piece of the masters it owns (`local_master_shards`), in place and with no communication per step:
+
+- ZeRO-3 (any precision): this rank's partition of every parameter (`safe_get_local_fp32_param`);
+- ZeRO-1/2 and bf16 at any stage: this rank's fragments of DeepSpeed's flat fp32 partitions (`_hp_mapping`);
+- fp32 at ZeRO 0 (and fp16 at ZeRO 0, whose masters are not mapped to names): rank 0 owns every parameter whole.
+
+Full tensors exist only when asked for (`EMA.full_state_dict`, a collective at checkpoint and sample time).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Shard:
+    """This rank's piece of one parameter: flat elements [start, start + numel) of parameter `name` (`shape`)."""
+    name: str
+    shape: torch.Size
+    start: int
+    master: torch.Tensor  # 1-D live view of the master weights, `numel` elements (fp32, or fp16 in the fallback)
+
+    @property
+    def numel(self) -> int:
+        return self.master.numel()
+
+
+def local_master_shards(engine, rank: int, world: int) -> tuple[list[Shard], bool]:
+    """(this rank's shards of the fp32 masters, whether the shards are spread over ranks).
+
+    Call after `engine.load_checkpoint` (DeepSpeed re-links its fp32 fragments on load). When the second value
+    is False, rank 0 holds every parameter whole and the other ranks hold nothing."""
+    named = [(k, p) for k, p in engine.module.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3: rank r owns [r * ps, (r + 1) * ps) of each param
+        from deepspeed.utils import safe_get_local_fp32_param
+        shards = []
+        for k, p in named:
+            part = safe_get_local_fp32_param(p)
+            ps = part.numel()  # padded partition size
+            n = max(0, min(ps, p.ds_numel - rank * ps))
+            if n:
+                shards.append(Shard(k, torch.Size(p.ds_shape), rank * ps, part.narrow(0, 0, n)))
+        return shards, world > 1
+    if any(hasattr(p, "_hp_mapping") for _, p in named):  # ZeRO-1/2, BF16_Optimizer: flat fp32 fragments
+        shards = []
+        for k, p in named:
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None and m.lp_fragment_address.numel > 0:
+                shards.append(Shard(k, p.shape, int(m.lp_fragment_address.start), m.get_hp_fragment()))
+        return shards, world > 1
+    if rank != 0:
+        return [], False
+    return [Shard(k, p.shape, 0, p.detach().view(-1)) for k, p in named], False
+
+
+def param_shapes(module: torch.nn.Module) -> list[tuple[str, torch.Size]]:
+    """(name, full shape) of every trainable parameter in model order (ZeRO-3 partitioned ones included)."""
+    return [(k, torch.Size(p.ds_shape) if hasattr(p, "ds_shape") else p.shape)
+            for k, p in module.named_parameters() if p.requires_grad]
 
 
 class EMA:
-    """fp32 shadow copies `shadow[rate][name]` of a model's parameters (names as in `named_parameters`)."""
+    """fp32 EMAs of this rank's master shards, `shadow[rate][i]` for `shards[i]`."""
 
-    def __init__(self, rates: list[str], initial: dict[str, torch.Tensor]):
+    def __init__(self, rates: list[str], shards: list[Shard], sharded: bool):
         self.rates = list(rates)
-        self.shadow: dict[str, dict[str, torch.Tensor]] = {
-            r: {k: v.detach().to(torch.float32).clone() for k, v in initial.items()} for r in self.rates}
+        self.shards = shards
+        self.sharded = sharded
+        self.shadow: dict[str, list[torch.Tensor]] = {
+            r: [s.master.detach().to(torch.float32).clone() for s in shards] for r in self.rates}
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [s.master.detach() if s.master.dtype == torch.float32 else s.master.detach().float() for s in self.shards]
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor]) -> None:
-        """One EMA step toward `params` (any float dtype; compared in fp32)."""
-        names = list(self.shadow[self.rates[0]])
-        src = [params[k].detach().to(device=self.shadow[self.rates[0]][k].device, dtype=torch.float32) for k in names]
+    def update(self) -> None:
+        """One EMA step toward the current masters (local, no communication)."""
+        if not self.shards:
+            return
+        src = self._masters()
         for r in self.rates:
-            dst = [self.shadow[r][k] for k in names]
-            torch._foreach_lerp_(dst, src, 1.0 - float(r))  # dst += (1 - rate) * (src - dst)
+            torch._foreach_lerp_(self.shadow[r], src, 1.0 - float(r))  # ema += (1 - rate) * (theta - ema)
 
-    def state_dict(self, rate: str) -> dict[str, torch.Tensor]:
-        return self.shadow[rate]
+    @torch.no_grad()
+    def full_state_dict(self, rate: str, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu"
+                        ) -> dict[str, torch.Tensor] | None:
+        """{name: full fp32 CPU tensor} on rank 0 (None elsewhere). `names`: every parameter (name, shape) in model
+        order, identical on all ranks; `device`: where the all-reduce runs (the engine's device, for NCCL).
+        Collective (one all-reduce of the whole model) when the EMA is sharded: call it on every rank."""
+        return self._assemble(self.shadow[rate], names, device)
 
+    @torch.no_grad()
+    def full_masters(self, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu"
+                     ) -> dict[str, torch.Tensor] | None:
+        """The current fp32 masters as {name: full CPU tensor} on rank 0 (None elsewhere); collective when sharded."""
+        return self._assemble(self._masters(), names, device)
+
+    def _assemble(self, pieces: list[torch.Tensor], names: list[tuple[str, torch.Size]], device
+                  ) -> dict[str, torch.Tensor] | None:
+        offsets, total = {}, 0
+        for k, shape in names:
+            offsets[k] = total
+            total += shape.numel()
+        if not self.sharded and not self.shards:
+            return None  # not rank 0 of a replicated run
+        flat = torch.zeros(total, dtype=torch.float32, device=device)
+        for s, t in zip(self.shards, pieces):
+            o = offsets[s.name] + s.start
+            flat[o:o + s.numel].copy_(t.to(flat.device, torch.float32))
+        if self.sharded:
+            dist.all_reduce(flat)  # every element is owned by exactly one rank: the sum assembles the whole
+            if dist.get_rank() != 0:
+                return None
+        flat = flat.cpu() if flat.device.type != "cpu" else flat
+        return {k: flat[offsets[k]:offsets[k] + shape.numel()].view(shape).clone() for k, shape in names}
+
+    @torch.no_grad()
     def load(self, rate: str, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow[rate]) ^ set(tensors)
+        """Set this rank's shards of rate `rate` from full tensors {name: tensor} (every rank reads the file)."""
+        missing = {s.name for s in self.shards} - set(tensors)
         if missing:
-            raise ValueError(f"EMA {rate}: parameter names differ from the model: {sorted(missing)[:5]}")
-        for k, v in tensors.items():
-            self.shadow[rate][k].copy_(v)
-
-
-@contextlib.contextmanager
-def full_params(engine, precision: str, zero_stage: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {name: full fp32-or-model-dtype tensor} on every rank (collective under ZeRO / low precision)."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-    named = list(engine.module.named_parameters())
-    if precision != "fp32":
-        out = {}
-        for k, p in named:
-            t = safe_get_full_fp32_param(p)  # fp32 master (gathered from its partitions)
-            if t is None:  # fp16 at ZeRO-0 keeps masters inside FP16_Optimizer: fall back to the weights
-                t = p.detach().float()
-            out[k] = t
-        yield out
-    elif zero_stage == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            yield {k: p.detach() for k, p in named}
-    else:
-        yield {k: p.detach() for k, p in named}
+            raise ValueError(f"EMA {rate}: parameters missing from the saved EMA: {sorted(missing)[:5]}")
+        for s, dst in zip(self.shards, self.shadow[rate]):
+            src = tensors[s.name]
+            if src.shape != s.shape:
+                raise ValueError(f"EMA {rate}: {s.name} has shape {tuple(src.shape)}, the model {tuple(s.shape)}")
+            dst.copy_(src.reshape(-1)[s.start:s.start + s.numel])

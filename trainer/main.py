@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, launch) -> int:
     from diffusion import create_diffusion, create_timestep_sampler
     from diffusion.presets import create_model_from_config
     from trainer import checkpoint as ckpt
-    from trainer.ema import EMA, full_params
+    from trainer.ema import EMA, local_master_shards, param_shapes
     from trainer.sync import mpi_all_gather, torch_all_gather
 
     rank, world = launch.rank, launch.world
@@ -140,21 +140,26 @@ def train(cfg: TrainConfig, launch) -> int:
     sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))) if warm else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                            lr_scheduler=sched)
+    if world == 1 and cfg.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: DeepSpeed's gradient all-reduce is a flatten + copy
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
     def net(x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
         """The engine as a diffusion model: inputs in the engine's dtype, outputs back in fp32."""
         return engine(x.to(dtype), t, **kw).float()
 
-    with full_params(engine, cfg.precision, cfg.zero_stage) as p:
-        ema = EMA(cfg.ema_rates(), p) if rank == 0 else None
     step = 0
     if resume_from:
-        from safetensors.torch import load_file
         engine.load_checkpoint(os.path.join(resume_from, "ds"), tag="ds", load_module_strict=True,
                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed re-links)
+    shards, sharded = local_master_shards(engine, rank, world)
+    ema = EMA(cfg.ema_rates(), shards, sharded)
+    shapes = param_shapes(engine.module)
+    if resume_from:
+        from safetensors.torch import load_file
         sampler.load_state_dict(load_file(os.path.join(resume_from, "sampler.safetensors")))
-        if ema is not None:
+        if shards:
             for r in ema.rates:
                 ema.load(r, load_file(os.path.join(resume_from, f"ema_{r}.safetensors")))
         ckpt.load_rank_state(resume_from, rank)
@@ -179,15 +184,19 @@ def train(cfg: TrainConfig, launch) -> int:
     def save(at: int) -> None:
         folder = ckpt.begin(run_dir, at, rank)
         engine.save_checkpoint(os.path.join(folder, "ds"), tag="ds", save_latest=False)
-        with full_params(engine, "fp32" if cfg.precision == "fp32" else cfg.precision, cfg.zero_stage) as p:
+        from trainer.fsio import atomic_save_safetensors, atomic_write_json
+        buffers = {k: b.cpu() for k, b in engine.module.named_buffers()}
+        masters = ema.full_masters(shapes, device)  # collectives: every rank takes part, rank 0 gets the tensors
+        if rank == 0:
+            atomic_save_safetensors(os.path.join(folder, "model.safetensors"), {**masters, **buffers})
+        del masters
+        for r in ema.rates:
+            full = ema.full_state_dict(r, shapes, device)
             if rank == 0:
-                from trainer.fsio import atomic_save_safetensors, atomic_write_json
-                buffers = {k: b for k, b in engine.module.named_buffers()}
-                atomic_save_safetensors(os.path.join(folder, "model.safetensors"), {**{k: v.float() for k, v in p.items()}, **buffers})
-                for r in ema.rates:
-                    atomic_save_safetensors(os.path.join(folder, f"ema_{r}.safetensors"), {**ema.state_dict(r), **buffers})
-                atomic_save_safetensors(os.path.join(folder, "sampler.safetensors"), sampler.state_dict())
-                atomic_write_json(os.path.join(folder, "config.json"), cfg.to_dict())
+                atomic_save_safetensors(os.path.join(folder, f"ema_{r}.safetensors"), {**full, **buffers})
+        if rank == 0:
+            atomic_save_safetensors(os.path.join(folder, "sampler.safetensors"), sampler.state_dict())
+            atomic_write_json(os.path.join(folder, "config.json"), cfg.to_dict())
         ckpt.save_rank_state(folder, rank, stream.state_dict())
         ckpt.commit(run_dir, at, rank, {"step": at, "model": model_cfg, "diffusion": diffusion_kw,
                                         "ema_rates": cfg.ema_rates(), "world_size": world}, cfg.keep)
@@ -203,6 +212,8 @@ def train(cfg: TrainConfig, launch) -> int:
         grid_labels = grid_labels[:n_grid] if n_grid <= len(grid_labels) else torch.arange(n_grid) % num_classes
 
     def sample_grid(at: int) -> None:
+        """A grid of samples from each EMA at fixed noise and labels (collective: the EMAs are assembled first)."""
+        weights = {r: ema.full_state_dict(r, shapes, device) for r in ema.rates}
         if rank != 0:
             return
         from trainer.images import save_grid
@@ -210,7 +221,7 @@ def train(cfg: TrainConfig, launch) -> int:
         net_s = create_model_from_config(model_cfg).to(device).eval()
         size = model_cfg["image_size"]
         for r in ema.rates:
-            net_s.load_state_dict({**ema.state_dict(r), **dict(engine.module.named_buffers())}, strict=True)
+            net_s.load_state_dict({**weights.pop(r), **dict(engine.module.named_buffers())}, strict=True)
             m = net_s
             if cfg.sample_guidance > 0 and num_classes:
                 from diffusion.guidance import ClassifierFreeGuidance
@@ -259,8 +270,8 @@ def train(cfg: TrainConfig, launch) -> int:
             if log_now and engine.is_gradient_accumulation_boundary() and engine.get_global_grad_norm() is None \
                     and cfg.zero_stage == 0 and cfg.precision == "fp32":
                 # plain fp32 DeepSpeed does not report the norm; grads are already averaged over ranks here
-                grad_norm = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in engine.module.parameters()
-                                                 if p.grad is not None)))
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
             engine.step()
             lv = losses["loss"].detach().double().cpu()
             tc = t.detach().cpu()
@@ -277,10 +288,7 @@ def train(cfg: TrainConfig, launch) -> int:
             sampler.update_with_local_losses(local[:, 0].long(), local[:, 1], all_gather)
         else:
             all_gather(local)  # keep the collective sequence identical; drop the non-finite history
-        if ema is not None or cfg.precision != "fp32" or cfg.zero_stage == 3:
-            with full_params(engine, cfg.precision, cfg.zero_stage) as p:
-                if ema is not None:
-                    ema.update(p)
+        ema.update()  # local: this rank's shards of the fp32 masters, no communication
         flags = torch.tensor([float(stop.signum != 0), float(not finite)], device=device)
         dist.all_reduce(flags)
         step += 1
@@ -297,7 +305,9 @@ def train(cfg: TrainConfig, launch) -> int:
             return EXIT_NONFINITE
 
         if log_now:
-            elapsed = time.perf_counter() - t_log
+            # images/s covers everything since the last log (logging included) except checkpoints and sample grids
+            now = time.perf_counter()
+            elapsed = now - t_log
             mine = torch.cat([acc, torch.tensor([steps_since_log * micro * accum / max(elapsed, 1e-9),
                                                  float(getattr(stream, "bad_samples", 0)),
                                                  peak_memory_mb(device), 0.0], dtype=torch.float64)])
@@ -327,14 +337,16 @@ def train(cfg: TrainConfig, launch) -> int:
                       f"{1e3 * s['perf/step_time_s']:.0f} ms, data {1e3 * s['perf/data_wait_s']:.0f} ms | lr {lr:.2e} "
                       f"gnorm {gn:.3f} | mem {s['mem/peak_mb_max_rank']:.0f} MB", flush=True)
             acc.zero_()
-            t_log, steps_since_log, wait_since_log, step_time_since_log = time.perf_counter(), 0, 0.0, 0.0
+            t_log, steps_since_log, wait_since_log, step_time_since_log = now, 0, 0.0, 0.0
 
         preempted = flags[0].item() > 0
+        t_aside = time.perf_counter()
         if (step % cfg.save_every == 0 or step == cfg.total_steps or preempted) and nonfinite_run == 0:
             save(step)
         if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.total_steps:
             sample_grid(step)
             dist.barrier()
+        t_log += time.perf_counter() - t_aside  # checkpoints and grids are not training throughput
         if cfg.debug_hang_after_step and step == cfg.debug_hang_after_step:
             print(f"trainer: debug hang after step {step}", flush=True)
             while True:
@@ -346,7 +358,11 @@ def train(cfg: TrainConfig, launch) -> int:
                 request_requeue(cfg.slurm_requeue)
             return EXIT_PREEMPTED
 
-    if resume_from is None or step > int(meta["step"]) or not os.path.exists(os.path.join(run_dir, "samples")):
+    # the final grid, unless this run resumed at its last step and the grid exists (rank 0 decides: a collective)
+    need_grid = torch.tensor([float(resume_from is None or step > int(meta["step"])
+                                    or not os.path.exists(os.path.join(run_dir, "samples")))], device=device)
+    dist.broadcast(need_grid, 0)
+    if need_grid.item() > 0:
         sample_grid(step)
     dist.barrier()
     if rank == 0:
