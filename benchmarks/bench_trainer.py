@@ -13,12 +13,13 @@ step (data, forward, backward, DeepSpeed step, sampler all-gather, EMA update, f
 logging block itself.
 
 The bare loop, in the same run and right before each trainer case (or once per ranks/precision with
---reuse-bare), is R concurrent
-processes (no communication) with the same threads each, each doing per step: random t, noise and labels, the
-same model (diffusion.presets preset with the trainer's overrides) and create_diffusion(...).training_losses on
-a fixed in-memory batch of --batch images, mean loss, backward, grad-norm clip 1.0 and torch AdamW. bf16 is done
-as DeepSpeed does it: bf16 weights and activations, fp32 master weights in AdamW, copied back after each step.
-Its images/s = steady images / steady time, summed over its processes.
+--reuse-bare), is the smallest data-parallel training loop: R concurrent processes with the same threads each,
+each doing per step: random t, noise and labels, the same model (diffusion.presets preset with the trainer's
+overrides) and create_diffusion(...).training_losses on a fixed in-memory batch of --batch images, mean loss,
+backward, for R > 1 one gloo all-reduce of all gradients as a single flat buffer (averaged; `--bare-comm none`
+leaves it out, so the ranks train separate models), grad-norm clip 1.0 and torch's fused AdamW (the trainer's
+optimizer on CPU). bf16 is done as DeepSpeed does it: bf16 weights and activations, fp32 master weights in
+AdamW, copied back after each step. Its images/s = steady images / steady time, summed over its processes.
 
 overhead = 1 - trainer_img_s / bare_img_s (target < 10%). Peak memory: each process's peak resident set size
 from os.wait4 (ru_maxrss: the whole life of the process, including start-up and, for the trainer, the final
@@ -96,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="scratch folder for data and run dirs (default: a temp dir)")
     p.add_argument("--out", default="benchmarks/results/trainer.md", help="markdown result (+ same name .json)")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. whether the machine was idle)")
+    p.add_argument("--bare-comm", choices=["allreduce", "none"], default="allreduce",
+                   help="bare loop with more than one rank: all-reduce the gradients as data-parallel training must "
+                        "(default), or none (independent models, no communication)")
     p.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)  # internal: one bare-loop process
+    p.add_argument("--_bare-world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--_bare-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_bare-precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--_bare-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -178,7 +184,13 @@ def bare_main(a: argparse.Namespace) -> None:
         masters = [p.detach().float().clone().requires_grad_(True) for p in params]
     else:
         params = masters = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(masters, lr=tc.lr, betas=tc.adam_betas, eps=1e-8, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(masters, lr=tc.lr, betas=tc.adam_betas, eps=1e-8, weight_decay=tc.weight_decay, fused=True)
+    world = a._bare_world
+    if world > 1:
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a._bare_port}", rank=a._bare_rank,
+                                world_size=world)
     model.train()
     g = torch.Generator().manual_seed(1234 + a._bare_rank)
     size = mc["image_size"]
@@ -200,6 +212,13 @@ def bare_main(a: argparse.Namespace) -> None:
             for m, p in zip(masters, params):
                 m.grad = p.grad.float()
                 p.grad = None
+        if world > 1:
+            grads = [m.grad for m in masters]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for gr, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                gr.copy_(v)
         torch.nn.utils.clip_grad_norm_(masters, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -210,6 +229,8 @@ def bare_main(a: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
     steady = times[a.warmup:]
     print(json.dumps({"rank": a._bare_rank, "step_s": times, "img_s": a.batch * len(steady) / sum(steady)}), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------- process runs
@@ -267,10 +288,13 @@ def threads_per_rank(a: argparse.Namespace, ranks: int) -> int:
 def run_bare(a: argparse.Namespace, ranks: int, precision: str, logdir: Path, tag: str = "") -> dict[str, Any]:
     thr = threads_per_rank(a, ranks)
     procs, logs = [], []
+    world = ranks if a.bare_comm == "allreduce" else 1
+    port = _free_port()
     for r in range(ranks):
         log = open(logdir / f"bare_r{ranks}_{precision}{tag}_{r}.log", "w+")
         cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--_bare", "--_bare-precision", precision,
-               "--_bare-rank", str(r), "--preset", a.preset, "--batch", str(a.batch), "--steps", str(a.steps),
+               "--_bare-rank", str(r), "--_bare-world", str(world), "--_bare-port", str(port),
+               "--preset", a.preset, "--batch", str(a.batch), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--threads", str(thr)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(thr), stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
@@ -350,7 +374,7 @@ def make_data(a: argparse.Namespace, work: Path, image_size: int, num_classes: i
     out = work / "data"
     py = sys.executable
     if image_size in (16, 32):
-        cmd = [py, "-m", "data.prepare", "digits", "--out", str(out), "--size", str(image_size), "--no-progress"]
+        cmd = [py, "-m", "data.prepare", "digits", "--out", str(out), "--size", str(image_size), "--no-progress", "--overwrite"]
         manifest_glob = "train-manifest.json"
     else:
         import numpy as np
@@ -359,7 +383,7 @@ def make_data(a: argparse.Namespace, work: Path, image_size: int, num_classes: i
         npz = work / "random.npz"
         np.savez(npz, arr_0=rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
                  arr_1=rng.integers(0, max(num_classes, 1), n).astype(np.int64))
-        cmd = [py, "-m", "data.prepare", "npz", str(npz), "--out", str(out), "--name", "random", "--no-progress"]
+        cmd = [py, "-m", "data.prepare", "npz", str(npz), "--out", str(out), "--name", "random", "--no-progress", "--overwrite"]
         if num_classes:
             cmd += ["--num-classes", str(num_classes)]
         manifest_glob = "random-manifest.json"
@@ -442,7 +466,10 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
          f"per rank (global = batch x ranks, no accumulation), {a['steps']} steps per run of which the first "
          f"{a['warmup']} are left out, " + (f"{a['threads_per_rank']} OpenMP thread(s) per rank in every case."
          if a.get("threads_per_rank") else f"{a['threads']} threads in total split over the ranks."),
-         f"- Data: {res['data_kind']}.", ]
+         f"- Data: {res['data_kind']}.",
+         "- Bare loop with more than one rank: " + ("gradients all-reduced over gloo as one flat buffer each step "
+         "(the smallest data-parallel loop)." if a.get("bare_comm", "allreduce") == "allreduce" else
+         "no communication (each rank trains its own model)."), ]
     if a.get("note"):
         L.append(f"- Note: {a['note']}")
     L += ["", "| ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | trainer peak RSS MiB per rank "
@@ -473,7 +500,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
                   "really beat: the machine's load changed between the two runs, and such figures are noise."]
     L += ["", "Columns: trainer img/s = harmonic mean of `perf/images_per_s` (sum over ranks) over the steady steps; "
           "bare img/s = steady images / steady time, summed over its concurrent processes (one per rank, "
-          "no communication); overhead = 1 - trainer / bare; peak RSS = ru_maxrss of each process over its whole "
+          + ("gradients all-reduced over gloo each step" if a.get("bare_comm", "allreduce") == "allreduce"
+             else "no communication") + "); overhead = 1 - trainer / bare; peak RSS = ru_maxrss of each process over its whole "
           "life (os.wait4), for the trainer including start-up, the final checkpoint and the sample grid; "
           "TB mem = the trainer's own `mem/peak_mb_max_rank` at its last step (ru_maxrss during training); "
           "overhead, fastest steps = 1 - (the trainer's fastest steady step, img/s) / (the bare loop's fastest steady "

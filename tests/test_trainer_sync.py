@@ -1,5 +1,6 @@
 """The loss-aware sampler's all-gather over gloo and over `mpiexec` keeps every rank's state identical to one
-sampler fed all ranks' losses in rank order (uneven per-rank batch sizes included)."""
+sampler fed all ranks' losses in rank order (uneven per-rank batch sizes included), and the same-size form
+gathers in rank order."""
 from __future__ import annotations
 
 import os
@@ -36,6 +37,11 @@ for step in range(%(STEPS)d):
     n = 3 + rank
     s.update_with_local_losses(torch.randint(0, %(T)d, (n,), generator=g), torch.rand(n, generator=g, dtype=torch.float64), gather)
 save_file({k: v.contiguous() for k, v in s.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+# the one-collective form the trainer uses (every rank passes the same number of rows)
+y = gather(torch.full((2, 2), float(rank), dtype=torch.float64) + torch.arange(4.0, dtype=torch.float64).view(2, 2),
+           same_size=True)
+assert torch.equal(y, torch.cat([torch.full((2, 2), float(r), dtype=torch.float64) + torch.arange(4.0, dtype=torch.float64).view(2, 2)
+                                 for r in range(2)])), y
 if kind != "mpi":  # a gloo group left alive at interpreter exit can abort the process (SIGABRT)
     dist.barrier()
     dist.destroy_process_group()

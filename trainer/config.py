@@ -303,6 +303,10 @@ def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> 
     # ZeRO-3 keeps DeepSpeed's default stage3_param_persistence_threshold (1e5 elements): smaller parameters stay
     # whole on every rank. 30M: 80 of 451 tensors, 88% of the weights, are partitioned; 270M: 99.8%. Tests set it
     # to 0 through --deepspeed-config to partition everything in tiny models.
+    if not on_gpu and c.zero_stage in (1, 2):
+        # gloo on CPU: one plain all-reduce of the gradient bucket instead of DeepSpeed's reduce-scatter and
+        # multi-rank bucket paths (measured 2026-12-01, 30M fp32, 2 ranks x 1 thread: about 5% more images/s)
+        ds["zero_optimization"].update({"reduce_scatter": False, "use_multi_rank_bucket_allreduce": False})
     if c.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif c.precision == "fp16":

@@ -283,14 +283,15 @@ def train(cfg: TrainConfig, launch) -> int:
             acc[4:8].index_add_(0, q, lv); acc[8:12].index_add_(0, q, torch.ones_like(lv))
         local = torch.cat(rows)
         finite = bool(torch.isfinite(local[:, 1]).all())
-        # one all-gather of (t, loss) keeps the loss-aware sampler identical on every rank
-        if finite:
-            sampler.update_with_local_losses(local[:, 0].long(), local[:, 1], all_gather)
-        else:
-            all_gather(local)  # keep the collective sequence identical; drop the non-finite history
+        # the step's one collective of our own: every rank's (t, loss) rows plus a control row (preemption signal
+        # seen, loss non-finite); it keeps the loss-aware sampler identical on every rank and all ranks in step
+        control = torch.tensor([[float(stop.signum != 0), float(not finite)]], dtype=torch.float64)
+        gathered = all_gather(torch.cat([local, control]), same_size=True).reshape(world, -1, 2)
+        flags = gathered[:, -1].sum(0)
+        if flags[1] == 0:  # a non-finite loss on any rank: no rank records this step's losses
+            losses_all = gathered[:, :-1].reshape(-1, 2)
+            sampler.update_with_all_losses(losses_all[:, 0].round().long(), losses_all[:, 1])
         ema.update()  # local: this rank's shards of the fp32 masters, no communication
-        flags = torch.tensor([float(stop.signum != 0), float(not finite)], device=device)
-        dist.all_reduce(flags)
         step += 1
         images_done += cfg.global_batch
         dt = time.perf_counter() - t0
