@@ -113,10 +113,14 @@ def test_deepspeed_config_generation_and_override(tmp_path) -> None:
     user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}))
     c = TrainConfig(data="d", run_dir="r", global_batch=32, micro_batch=4, precision="bf16", zero_stage=2,
                     lr=3e-4, weight_decay=0.01, deepspeed_config=str(user))
-    ds = deepspeed_config(c, 2)
+    ds = deepspeed_config(c, 2, on_gpu=False)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_scatter": False,
+                                       "use_multi_rank_bucket_allreduce": False}  # merged, not replaced
+    assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
+    gpu = deepspeed_config(c, 2, on_gpu=True)  # on GPU: DeepSpeed's FusedAdam and its own ZeRO defaults
+    assert "torch_adam" not in gpu["optimizer"]["params"] and "reduce_scatter" not in gpu["zero_optimization"]
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.01
     fp16 = deepspeed_config(TrainConfig(data="d", run_dir="r", precision="fp16"), 1)
