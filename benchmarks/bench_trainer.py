@@ -21,6 +21,12 @@ leaves it out, so the ranks train separate models), grad-norm clip 1.0 and torch
 optimizer on CPU). bf16 is done as DeepSpeed does it: bf16 weights and activations, fp32 master weights in
 AdamW, copied back after each step. Its images/s = steady images / steady time, summed over its processes.
 
+A third run per case (unless --no-deepspeed-only), "DeepSpeed only", is the same loop driven by the trainer's
+DeepSpeed engine with the trainer's generated DeepSpeed config for that ZeRO stage and precision
+(deepspeed.initialize, engine forward / backward / step, gloo, one rank per process), with nothing of the
+trainer around it: no data stream, EMA, sampler sync, logging or checkpoints. It splits the overhead into
+DeepSpeed's share (DeepSpeed only vs bare) and the trainer's own (trainer vs DeepSpeed only).
+
 overhead = 1 - trainer_img_s / bare_img_s (target < 10%). Peak memory: each process's peak resident set size
 from os.wait4 (ru_maxrss: the whole life of the process, including start-up and, for the trainer, the final
 checkpoint and sample grid), plus the trainer's own `mem/peak_mb_max_rank` scalar at its last step.
@@ -100,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bare-comm", choices=["allreduce", "none"], default="allreduce",
                    help="bare loop with more than one rank: all-reduce the gradients as data-parallel training must "
                         "(default), or none (independent models, no communication)")
+    p.add_argument("--no-deepspeed-only", action="store_true",
+                   help="skip the DeepSpeed-only loop (the split of the overhead into DeepSpeed's and the trainer's)")
     p.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)  # internal: one bare-loop process
+    p.add_argument("--_bare-zero", type=int, default=-1, help=argparse.SUPPRESS)  # >= 0: DeepSpeed-only loop
     p.add_argument("--_bare-world", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--_bare-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_bare-precision", default="fp32", help=argparse.SUPPRESS)
@@ -178,6 +187,10 @@ def bare_main(a: argparse.Namespace) -> None:
     diffusion = create_diffusion(**tc.diffusion_kwargs())
     bf16 = a._bare_precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    world = a._bare_world
+    if a._bare_zero >= 0:
+        deepspeed_only(a, model, diffusion, dtype)
+        return
     if bf16:
         model = model.to(torch.bfloat16)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -185,7 +198,6 @@ def bare_main(a: argparse.Namespace) -> None:
     else:
         params = masters = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(masters, lr=tc.lr, betas=tc.adam_betas, eps=1e-8, weight_decay=tc.weight_decay, fused=True)
-    world = a._bare_world
     if world > 1:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -231,6 +243,47 @@ def bare_main(a: argparse.Namespace) -> None:
     print(json.dumps({"rank": a._bare_rank, "step_s": times, "img_s": a.batch * len(steady) / sum(steady)}), flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
+    """The bare loop through the trainer's DeepSpeed engine and config; prints the same JSON line as bare_main."""
+    import deepspeed
+    import torch
+    from trainer.config import TrainConfig, deepspeed_config
+    world, rank = a._bare_world, a._bare_rank
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(a._bare_port))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    tc = TrainConfig(model_size=a.preset, data="x", run_dir="x", global_batch=a.batch * world, micro_batch=a.batch,
+                     precision=a._bare_precision, zero_stage=a._bare_zero)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(tc, world, on_gpu=False))
+    if world == 1 and a._bare_zero == 0:
+        engine.enable_backward_allreduce = False  # as the trainer does
+    engine.train()
+    g = torch.Generator().manual_seed(1234 + rank)
+    mc = model_cfg(a.preset)
+    size, ncls = mc["image_size"], mc.get("num_classes") or 0
+    x = torch.rand(a.batch, mc["in_channels"], size, size, generator=g) * 2 - 1
+
+    def net(xt, t, **kw):
+        return engine(xt.to(dtype), t, **kw).float()
+
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        t = torch.randint(0, diffusion.num_timesteps, (a.batch,), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        kw = {"y": torch.randint(0, ncls, (a.batch,), generator=g)} if ncls else {}
+        loss = diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)["loss"].mean()
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    steady = times[a.warmup:]
+    print(json.dumps({"rank": rank, "step_s": times, "img_s": a.batch * len(steady) / sum(steady)}), flush=True)
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------- process runs
@@ -285,16 +338,19 @@ def threads_per_rank(a: argparse.Namespace, ranks: int) -> int:
     return a.threads_per_rank if a.threads_per_rank is not None else a.threads // ranks
 
 
-def run_bare(a: argparse.Namespace, ranks: int, precision: str, logdir: Path, tag: str = "") -> dict[str, Any]:
+def run_bare(a: argparse.Namespace, ranks: int, precision: str, logdir: Path, tag: str = "",
+             zero: int = -1) -> dict[str, Any]:
+    """The bare loop (zero < 0) or the DeepSpeed-only loop at ZeRO stage `zero`, on `ranks` processes."""
     thr = threads_per_rank(a, ranks)
     procs, logs = [], []
-    world = ranks if a.bare_comm == "allreduce" else 1
+    world = ranks if (a.bare_comm == "allreduce" or zero >= 0) else 1
     port = _free_port()
+    kind = "bare" if zero < 0 else "dsonly"
     for r in range(ranks):
-        log = open(logdir / f"bare_r{ranks}_{precision}{tag}_{r}.log", "w+")
+        log = open(logdir / f"{kind}_r{ranks}_{precision}{tag}_{r}.log", "w+")
         cmd = [sys.executable, "-m", "benchmarks.bench_trainer", "--_bare", "--_bare-precision", precision,
                "--_bare-rank", str(r), "--_bare-world", str(world), "--_bare-port", str(port),
-               "--preset", a.preset, "--batch", str(a.batch), "--steps", str(a.steps),
+               "--_bare-zero", str(zero), "--preset", a.preset, "--batch", str(a.batch), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--threads", str(thr)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(thr), stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
@@ -306,7 +362,7 @@ def run_bare(a: argparse.Namespace, ranks: int, precision: str, logdir: Path, ta
         log.close()
         line = [ln for ln in text.splitlines() if ln.startswith("{")]
         if code != 0 or not line:
-            raise RuntimeError(f"bare loop ({ranks} ranks, {precision}) failed with code {code}: {text.strip()[-400:]}")
+            raise RuntimeError(f"{kind} loop ({ranks} ranks, {precision}) failed with code {code}: {text.strip()[-400:]}")
         d = json.loads(line[-1])
         d["peak_rss_mib"] = rss
         outs.append(d)
@@ -472,16 +528,20 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
          "no communication (each rank trains its own model)."), ]
     if a.get("note"):
         L.append(f"- Note: {a['note']}")
-    L += ["", "| ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | trainer peak RSS MiB per rank "
+    L += ["", "| ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "
+          "overhead | trainer peak RSS MiB per rank "
           "| trainer TB mem MB (max rank) | bare peak RSS MiB per rank | trainer img/s per step | bare s/step (rank 0) | load "
-          "| overhead, fastest steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| overhead, fastest steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
         if "error" in c:
-            L.append(f"| {c['ranks']} | {c['zero']} | {c['precision']} | failed: {c['error'][:200]} | | | | | | | | {c['load1']} | |")
+            L.append(f"| {c['ranks']} | {c['zero']} | {c['precision']} | failed: {c['error'][:200]} | | | | | | | | | | {c['load1']} | |")
             continue
         t, b = c["trainer"], c["bare"]
         L.append(f"| {c['ranks']} | {c['zero']} | {c['precision']} | {t['img_s']:.3f} | {b['img_s']:.3f} | "
-                 f"**{100 * c['overhead']:.1f}%** | {' / '.join(f'{x:.0f}' for x in t['peak_rss_mib_per_rank'])} | "
+                 f"**{100 * c['overhead']:.1f}%** | "
+                 + (f"{c['deepspeed_only']['img_s']:.3f} | {100 * c['overhead_own']:.1f}% | " if "deepspeed_only" in c
+                    else "- | - | ")
+                 + f"{' / '.join(f'{x:.0f}' for x in t['peak_rss_mib_per_rank'])} | "
                  f"{t['tb_peak_mb_max_rank_last'] or float('nan'):.0f} | {' / '.join(f'{x:.0f}' for x in b['peak_rss_mib_per_rank'])} | "
                  f"{' '.join(f'{x:.2f}' for x in t['img_s_per_step'])} | "
                  f"{' '.join(f'{x:.2f}' for x in b['per_rank'][0]['step_s'][a['warmup']:])} | {c['load1']} | "
@@ -501,7 +561,9 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
     L += ["", "Columns: trainer img/s = harmonic mean of `perf/images_per_s` (sum over ranks) over the steady steps; "
           "bare img/s = steady images / steady time, summed over its concurrent processes (one per rank, "
           + ("gradients all-reduced over gloo each step" if a.get("bare_comm", "allreduce") == "allreduce"
-             else "no communication") + "); overhead = 1 - trainer / bare; peak RSS = ru_maxrss of each process over its whole "
+             else "no communication") + "); overhead = 1 - trainer / bare; DeepSpeed-only img/s = the same "
+          "loop through the trainer's DeepSpeed engine and config, nothing else; trainer's own overhead = 1 - trainer / "
+          "DeepSpeed only; peak RSS = ru_maxrss of each process over its whole "
           "life (os.wait4), for the trainer including start-up, the final checkpoint and the sample grid; "
           "TB mem = the trainer's own `mem/peak_mb_max_rank` at its last step (ru_maxrss during training); "
           "overhead, fastest steps = 1 - (the trainer's fastest steady step, img/s) / (the bare loop's fastest steady "
@@ -549,10 +611,17 @@ def main(argv: list[str] | None = None) -> int:
             if (ranks, prec) not in bare_cache or not a.reuse_bare:
                 bare_cache[(ranks, prec)] = run_bare(a, ranks, prec, work, f"_z{zero}")
             case["bare"] = bare_cache[(ranks, prec)]
+            if not a.no_deepspeed_only:
+                case["deepspeed_only"] = run_bare(a, ranks, prec, work, f"_z{zero}", zero=zero)
             case["trainer"] = run_trainer(a, ranks, zero, prec, data, work)
             case["overhead"] = 1.0 - case["trainer"]["img_s"] / case["bare"]["img_s"]
+            msg = ""
+            if "deepspeed_only" in case:
+                case["overhead_own"] = 1.0 - case["trainer"]["img_s"] / case["deepspeed_only"]["img_s"]
+                msg = (f", DeepSpeed only {case['deepspeed_only']['img_s']:.3f} img/s, the trainer's own "
+                       f"{100 * case['overhead_own']:.1f}%")
             print(f"  trainer {case['trainer']['img_s']:.3f} img/s, bare {case['bare']['img_s']:.3f} img/s, "
-                  f"overhead {100 * case['overhead']:.1f}%", file=sys.stderr, flush=True)
+                  f"overhead {100 * case['overhead']:.1f}%" + msg, file=sys.stderr, flush=True)
         except RuntimeError as e:
             case["error"] = str(e)
             print(f"  failed: {e}", file=sys.stderr, flush=True)

@@ -25,7 +25,8 @@ def torch_all_gather(device: torch.device | str = "cpu", group=None) -> AllGathe
             return x.cpu()
         if same_size:
             out = torch.empty(world * x.shape[0], 2, dtype=torch.float64, device=device)
-            dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+            gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.12
+            gather_single(out, x.contiguous(), group=group)
             return out.cpu()
         n = torch.tensor([x.shape[0]], device=device, dtype=torch.int64)
         ns = [torch.zeros_like(n) for _ in range(world)]
