@@ -555,6 +555,15 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         L += ["", f"Target overhead < 10%: {sum(c['overhead'] < 0.10 for c in ok)} of {len(ok)} measured cases meet it; "
               f"the largest is {100 * worst['overhead']:.1f}% ({worst['ranks']} rank(s), ZeRO {worst['zero']}, "
               f"{worst['precision']})."]
+        own = [c for c in ok if "overhead_own" in c]
+        if own:
+            worst_own = max(own, key=lambda c: c["overhead_own"])
+            L += ["", f"The trainer's own overhead (trainer vs the DeepSpeed-only loop): under 10% in "
+                  f"{sum(c['overhead_own'] < 0.10 for c in own)} of {len(own)} cases, at most "
+                  f"{100 * worst_own['overhead_own']:.1f}% ({worst_own['ranks']} rank(s), ZeRO {worst_own['zero']}, "
+                  f"{worst_own['precision']}). DeepSpeed's share (1 - DeepSpeed only / bare) per case: "
+                  + ", ".join(f"{c['ranks']}:{c['zero']}:{c['precision']} "
+                              f"{100 * (1 - c['deepspeed_only']['img_s'] / c['bare']['img_s']):.1f}%" for c in own) + "."]
         if any(c["overhead"] < 0 for c in ok):
             L += ["A negative overhead means the bare loop ran slower than the trainer, which the trainer cannot "
                   "really beat: the machine's load changed between the two runs, and such figures are noise."]

@@ -133,15 +133,16 @@ def test_zero1_deepspeed_launcher_tensorboard_and_export(digits, tmp_path) -> No
     assert torch.isfinite(x).all() and x.shape == (2, 3, 16, 16)
 
 
-def check_two_step_ema(run_dir: str, w: dict[str, torch.Tensor]) -> None:
-    """After two bf16 steps the EMA rates a in (0.9, 0.5) satisfy e = a^2 p0 + a(1-a) p1 + (1-a) p2, with p0 the
+def check_two_step_ema(run_dir: str, w: dict[str, torch.Tensor], bf16: bool = True) -> None:
+    """After two steps the EMA rates a in (0.9, 0.5) satisfy e = a^2 p0 + a(1-a) p1 + (1-a) p2, with p0 the
     seeded initial weights and p2 the saved fp32 masters; solving each rate for the unseen p1 must agree."""
     from diffusion.presets import create_model_from_config
     import json
     meta = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000002", "meta.json")))
     torch.manual_seed(3)
     # in bf16 DeepSpeed casts the module first, so the fp32 master weights start from bf16-rounded p0
-    p0 = {k: v.detach().bfloat16() for k, v in create_model_from_config(meta["model"]).named_parameters()}
+    p0 = {k: v.detach().bfloat16() if bf16 else v.detach()
+          for k, v in create_model_from_config(meta["model"]).named_parameters()}
     p1 = {}
     for a in (0.9, 0.5):
         p1[a] = {k: (w[f"ema_{a}/{k}"].double() - a * a * p0[k].double() - (1 - a) * w[f"model/{k}"].double())
@@ -161,6 +162,15 @@ def test_zero2_bf16_sharded_ema_closed_form(digits, tmp_path, procs_cleanup) -> 
             "--run-dir", run_dir]
     assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
     check_two_step_ema(run_dir, weights(run_dir))
+
+
+def test_zero3_fp32_default_thresholds_ema_closed_form(digits, tmp_path, procs_cleanup) -> None:
+    """ZeRO-3 in fp32 with DeepSpeed's default persistence threshold, which keeps every tensor of the tiny model
+    whole on both ranks (the fp32 masters stay partitioned): the sharded EMA still obeys the closed form."""
+    run_dir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    args = ["--data", digits, *BASE, "--zero-stage", "3", "--total-steps", "2", "--run-dir", run_dir]
+    assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
+    check_two_step_ema(run_dir, weights(run_dir), bf16=False)
 
 
 def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
