@@ -289,7 +289,7 @@ def test_every_parameter_owner_runs_forward() -> None:
 
 
 _ZERO3_SCRIPT = r'''
-import json, sys, torch, deepspeed
+import json, os, sys, torch, deepspeed
 torch.set_num_threads(1)
 from diffusion.presets import create_model
 deepspeed.init_distributed(dist_backend="gloo")
@@ -315,7 +315,12 @@ for prec in ["fp32", "bf16"]:
         eng.step()
         losses.append(loss.item())
     res[prec] = {"ref": ref, "losses": losses, "dtype": str(out.dtype)}
-print("RESULT", rank, json.dumps(res), flush=True)
+with open(f"result_{rank}.json", "w") as f:  # one file per rank: two ranks' stdout lines can interleave
+    json.dump(res, f)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as trainer.main does: gloo/DeepSpeed thread destructors can abort a finished rank at teardown
 '''
 
 
@@ -341,10 +346,10 @@ def test_trains_under_deepspeed_zero3_with_checkpointing(tmp_path) -> None:
     r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
                         str(script)], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln.split("RESULT ", 1)[1] for ln in r.stdout.splitlines() if "RESULT " in ln]
-    assert r.returncode == 0 and len(lines) == 2, r.stdout[-3000:] + r.stderr[-3000:]
-    for ln in lines:
-        res = json.loads(ln.split(" ", 1)[1])
+    files = sorted(tmp_path.glob("result_*.json"))
+    assert r.returncode == 0 and len(files) == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    for fn in files:
+        res = json.loads(fn.read_text())
         for prec, d in res.items():
             assert d["dtype"] == "torch.float32"
             tol = 1e-5 if prec == "fp32" else 2e-2
