@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a._bare:
         bare_main(a)
-        return 0
+        sys.stdout.flush()
+        os._exit(0)  # as trainer.main: skip teardown, where gloo/DeepSpeed thread destructors can abort (SIGABRT)
     validate(a)
     cases = parse_cases(a)
     out = Path(a.out)
