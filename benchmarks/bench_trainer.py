@@ -256,6 +256,9 @@ def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     tc = TrainConfig(model_size=a.preset, data="x", run_dir="x", global_batch=a.batch * world, micro_batch=a.batch,
                      precision=a._bare_precision, zero_stage=a._bare_zero)
+    if a._bare_zero == 3:
+        from trainer.main import mark_zero3_leaf_modules
+        mark_zero3_leaf_modules(model)  # as the trainer does
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(tc, world, on_gpu=False))
     if world == 1 and a._bare_zero == 0:

@@ -166,15 +166,18 @@ def test_zero2_bf16_sharded_ema_closed_form(digits, tmp_path, procs_cleanup) -> 
 
 def test_zero3_fp32_default_thresholds_ema_closed_form(digits, tmp_path, procs_cleanup) -> None:
     """ZeRO-3 in fp32 with DeepSpeed's default persistence threshold, which keeps every tensor of the tiny model
-    whole on both ranks (the fp32 masters stay partitioned): the sharded EMA still obeys the closed form."""
+    whole on both ranks (the fp32 masters stay partitioned), UNet blocks as ZeRO-3 leaf modules and gradient
+    checkpointing: the sharded EMA still obeys the closed form."""
     run_dir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
-    args = ["--data", digits, *BASE, "--zero-stage", "3", "--total-steps", "2", "--run-dir", run_dir]
+    args = ["--data", digits, *BASE, "--zero-stage", "3", "--total-steps", "2", "--run-dir", run_dir,
+            "--grad-checkpoint", "true"]
     assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
     check_two_step_ema(run_dir, weights(run_dir), bf16=False)
 
 
 def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
-    """ZeRO-3 in bf16 under mpiexec with the MPI sampler sync, every tensor partitioned: each rank averages its
+    """ZeRO-3 in bf16 under mpiexec with the MPI sampler sync, every tensor partitioned, UNet blocks as leaf
+    modules and gradient checkpointing (parameters gathered again for the recomputation): each rank averages its
     partitions of the fp32 masters and the assembled EMA obeys the two-step closed form (check_two_step_ema);
     the EMA and the raw weights export."""
     run_dir = str(tmp_path / "run")
@@ -182,7 +185,7 @@ def test_zero3_mpiexec_bf16_ema_and_export(digits, tmp_path) -> None:
     ds_json.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
     cmd = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, "-m", "trainer.main", "--data", digits,
            "--run-dir", run_dir, *BASE, "--zero-stage", "3", "--precision", "bf16", "--sampler-sync", "mpi",
-           "--total-steps", "2", "--deepspeed-config", str(ds_json)]
+           "--total-steps", "2", "--deepspeed-config", str(ds_json), "--grad-checkpoint", "true"]
     r = run(cmd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mpi launch, 2 rank(s)" in r.stdout

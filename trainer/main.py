@@ -43,6 +43,15 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return PRESETS[cfg.model_size].replace(**o).to_dict()
 
 
+def mark_zero3_leaf_modules(model: torch.nn.Module) -> int:
+    """ZeRO-3: make every UNetBlock (a residual or resampling block with its attention, the checkpointing unit)
+    one leaf for DeepSpeed's parameter hooks: its parameters are gathered once on entry instead of module by module.
+    Returns the number of leaves."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from diffusion.unet import UNetBlock
+    return len(set_z3_leaf_modules(model, [UNetBlock], raise_if_not_found=False))
+
+
 class Preemption:
     """SIGTERM/SIGUSR1 set a flag; the loop all-reduces it at each step boundary so every rank stops together."""
 
@@ -130,6 +139,8 @@ def train(cfg: TrainConfig, launch) -> int:
     model_cfg = model_config_dict(cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = create_model_from_config(model_cfg)
+    if cfg.zero_stage == 3:
+        mark_zero3_leaf_modules(model)
     num_classes = model_cfg.get("num_classes") or 0
     diffusion_kw = cfg.diffusion_kwargs()
     diffusion = create_diffusion(**diffusion_kw)
