@@ -154,11 +154,12 @@ def check_two_step_ema(run_dir: str, w: dict[str, torch.Tensor], bf16: bool = Tr
     assert moved > 1e-4  # the weights did train
 
 
-def test_zero2_bf16_sharded_ema_closed_form(digits, tmp_path, procs_cleanup) -> None:
-    """ZeRO-2 in bf16 on two srun-style ranks: each rank averages its fragments of the flat fp32 masters; the
-    assembled EMA obeys the two-step closed form (see check_two_step_ema)."""
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_sharded_ema_closed_form(digits, tmp_path, procs_cleanup, zero) -> None:
+    """bf16 on two srun-style ranks at ZeRO-0 (DeepSpeed's BF16_Optimizer) and ZeRO-2: each rank averages its
+    fragments of the flat fp32 masters; the assembled EMA obeys the two-step closed form (check_two_step_ema)."""
     run_dir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
-    args = ["--data", digits, *BASE, "--zero-stage", "2", "--precision", "bf16", "--total-steps", "2",
+    args = ["--data", digits, *BASE, "--zero-stage", str(zero), "--precision", "bf16", "--total-steps", "2",
             "--run-dir", run_dir]
     assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
     check_two_step_ema(run_dir, weights(run_dir))

@@ -72,6 +72,13 @@ def _sharded_ema_rank(rank: int, port: int, q) -> None:
     ema.update()
     out = ema.full_state_dict("0.5", [("u", full_u.shape), ("v", full_v.shape)])
     masters = ema.full_masters([("u", full_u.shape), ("v", full_v.shape)])
+    ema.check_coverage([("u", full_u.shape), ("v", full_v.shape)])  # 4 + 2 + 3 elements: complete
+    try:  # a layout that covers fewer elements than the model has is refused on every rank
+        ema.check_coverage([("u", full_u.shape), ("v", full_v.shape), ("w", torch.Size([2]))])
+        refused = False
+    except RuntimeError as e:
+        refused = "cover 9 parameter elements" in str(e)
+    assert refused
     q.put((rank, out, masters))
     dist.destroy_process_group()
 

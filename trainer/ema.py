@@ -76,6 +76,20 @@ class EMA:
         self.shadow: dict[str, list[torch.Tensor]] = {
             r: [s.master.detach().to(torch.float32).clone() for s in shards] for r in self.rates}
 
+    @torch.no_grad()
+    def check_coverage(self, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu") -> None:
+        """Collective when sharded: the ranks' shards must add up to every parameter element exactly once in count
+        (the all-reduce in `full_state_dict` would double-count overlapping shards). Raises RuntimeError."""
+        total = sum(shape.numel() for _, shape in names)
+        owned = torch.tensor([float(sum(s.numel for s in self.shards))], dtype=torch.float64, device=device)
+        if self.sharded:
+            dist.all_reduce(owned)
+        elif not self.shards:
+            return  # not rank 0 of a replicated run
+        if int(owned.item()) != total:
+            raise RuntimeError(f"EMA shards cover {int(owned.item())} parameter elements over all ranks, the model has "
+                               f"{total}: this DeepSpeed optimizer's fp32 master layout is not supported")
+
     def _masters(self) -> list[torch.Tensor]:
         return [s.master.detach() if s.master.dtype == torch.float32 else s.master.detach().float() for s in self.shards]
 

@@ -167,6 +167,7 @@ def train(cfg: TrainConfig, launch) -> int:
     shards, sharded = local_master_shards(engine, rank, world)
     ema = EMA(cfg.ema_rates(), shards, sharded)
     shapes = param_shapes(engine.module)
+    ema.check_coverage(shapes, device)
     if resume_from:
         from safetensors.torch import load_file
         sampler.load_state_dict(load_file(os.path.join(resume_from, "sampler.safetensors")))
