@@ -204,21 +204,8 @@ def bare_main(a: argparse.Namespace) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a._bare_port}", rank=a._bare_rank,
                                 world_size=world)
     model.train()
-    g = torch.Generator().manual_seed(1234 + a._bare_rank)
-    size = mc["image_size"]
-    x = torch.rand(a.batch, mc["in_channels"], size, size, generator=g) * 2 - 1
-    ncls = mc.get("num_classes") or 0
 
-    def net(xt, t, **kw):
-        return model(xt.to(dtype), t, **kw).float()
-
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        t = torch.randint(0, diffusion.num_timesteps, (a.batch,), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        kw = {"y": torch.randint(0, ncls, (a.batch,), generator=g)} if ncls else {}
-        loss = diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)["loss"].mean()
+    def update(loss) -> None:
         loss.backward()
         if bf16:
             for m, p in zip(masters, params):
@@ -238,11 +225,34 @@ def bare_main(a: argparse.Namespace) -> None:
             with torch.no_grad():
                 for m, p in zip(masters, params):
                     p.copy_(m)
+
+    timed_steps(a, model, diffusion, dtype, update)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def timed_steps(a: argparse.Namespace, net_module, diffusion, dtype, update) -> None:
+    """The timed loop of both reference loops: per step random t, noise and labels on a fixed in-memory batch,
+    the diffusion loss (mean), then update(loss) (backward and optimizer step). Prints {rank, step_s, img_s}."""
+    import torch
+    mc = model_cfg(a.preset)
+    g = torch.Generator().manual_seed(1234 + a._bare_rank)
+    size, ncls = mc["image_size"], mc.get("num_classes") or 0
+    x = torch.rand(a.batch, mc["in_channels"], size, size, generator=g) * 2 - 1
+
+    def net(xt, t, **kw):
+        return net_module(xt.to(dtype), t, **kw).float()
+
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        t = torch.randint(0, diffusion.num_timesteps, (a.batch,), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        kw = {"y": torch.randint(0, ncls, (a.batch,), generator=g)} if ncls else {}
+        update(diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)["loss"].mean())
         times.append(time.perf_counter() - t0)
     steady = times[a.warmup:]
     print(json.dumps({"rank": a._bare_rank, "step_s": times, "img_s": a.batch * len(steady) / sum(steady)}), flush=True)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
@@ -264,26 +274,12 @@ def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
     if world == 1 and a._bare_zero == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
     engine.train()
-    g = torch.Generator().manual_seed(1234 + rank)
-    mc = model_cfg(a.preset)
-    size, ncls = mc["image_size"], mc.get("num_classes") or 0
-    x = torch.rand(a.batch, mc["in_channels"], size, size, generator=g) * 2 - 1
 
-    def net(xt, t, **kw):
-        return engine(xt.to(dtype), t, **kw).float()
-
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        t = torch.randint(0, diffusion.num_timesteps, (a.batch,), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        kw = {"y": torch.randint(0, ncls, (a.batch,), generator=g)} if ncls else {}
-        loss = diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)["loss"].mean()
+    def update(loss) -> None:
         engine.backward(loss)
         engine.step()
-        times.append(time.perf_counter() - t0)
-    steady = times[a.warmup:]
-    print(json.dumps({"rank": rank, "step_s": times, "img_s": a.batch * len(steady) / sum(steady)}), flush=True)
+
+    timed_steps(a, engine, diffusion, dtype, update)
     import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
