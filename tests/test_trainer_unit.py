@@ -22,7 +22,7 @@ def test_ema_matches_closed_form() -> None:
     seq = [torch.randn(5, 3, dtype=torch.float64) for _ in range(41)]
     rates = ["0.9", "0.5", "0.99"]
     w = seq[0].float()
-    ema = EMA(rates, [Shard("w", w.shape, 0, w.view(-1))], sharded=False)
+    ema = EMA(rates, [Shard("w", w.shape, 0, w.view(-1))], sharded=False, names=[("w", w.shape)])
     for p in seq[1:]:
         w.copy_(p)  # the optimizer updates the masters in place; the EMA reads them through its view
         ema.update()
@@ -30,26 +30,27 @@ def test_ema_matches_closed_form() -> None:
     for r in rates:
         rf = float(r)
         want = rf ** n * seq[0] + sum((1 - rf) * rf ** (n - k) * seq[k] for k in range(1, n + 1))
-        got = ema.full_state_dict(r, [("w", w.shape)])["w"]
+        got = ema.full_state_dict(r)["w"]
         assert got.dtype == torch.float32 and got.shape == (5, 3)
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
 
 
 def test_ema_of_bf16_source_accumulates_in_fp32() -> None:
     w = torch.zeros(4, dtype=torch.bfloat16)
-    ema = EMA(["0.999"], [Shard("w", w.shape, 0, w)], sharded=False)
+    ema = EMA(["0.999"], [Shard("w", w.shape, 0, w)], sharded=False, names=[("w", w.shape)])
     w.fill_(1)
     for _ in range(10):
         ema.update()
     want = 1 - 0.999 ** 10  # 0.00995..., below bf16 resolution near 1 but exact in fp32
-    torch.testing.assert_close(ema.full_state_dict("0.999", [("w", w.shape)])["w"], torch.full((4,), want),
+    torch.testing.assert_close(ema.full_state_dict("0.999")["w"], torch.full((4,), want),
                                rtol=1e-5, atol=0)
 
 
 def test_ema_load_takes_each_shard_from_the_full_tensor() -> None:
     a, b = torch.zeros(3), torch.zeros(2)  # two ranks' fragments of one [5] parameter, as shards
-    left = EMA(["0.5"], [Shard("w", torch.Size([5]), 0, a)], sharded=True)
-    right = EMA(["0.5"], [Shard("w", torch.Size([5]), 3, b)], sharded=True)
+    names = [("w", torch.Size([5]))]
+    left = EMA(["0.5"], [Shard("w", torch.Size([5]), 0, a)], sharded=True, names=names)
+    right = EMA(["0.5"], [Shard("w", torch.Size([5]), 3, b)], sharded=True, names=names)
     full = {"w": torch.arange(5.0)}
     left.load("0.5", full), right.load("0.5", full)
     assert left.shadow["0.5"][0].tolist() == [0, 1, 2] and right.shadow["0.5"][0].tolist() == [3, 4]
@@ -66,15 +67,17 @@ def _sharded_ema_rank(rank: int, port: int, q) -> None:
     full_u, full_v = torch.arange(6.0).view(2, 3), torch.tensor([10.0, 11.0, 12.0])
     shards = [Shard("u", full_u.shape, 0, full_u.view(-1)[:4].clone())] if rank == 0 else \
         [Shard("u", full_u.shape, 4, full_u.view(-1)[4:].clone()), Shard("v", full_v.shape, 0, full_v.clone())]
-    ema = EMA(["0.5"], shards, sharded=True)
+    names = [("u", full_u.shape), ("v", full_v.shape)]
+    ema = EMA(["0.5"], shards, sharded=True, names=names)
     for s in shards:
         s.master.mul_(3)  # one step toward 3 x: ema = 0.5 x + 0.5 * 3x = 2x
     ema.update()
-    out = ema.full_state_dict("0.5", [("u", full_u.shape), ("v", full_v.shape)])
-    masters = ema.full_masters([("u", full_u.shape), ("v", full_v.shape)])
-    ema.check_coverage([("u", full_u.shape), ("v", full_v.shape)])  # 4 + 2 + 3 elements: complete
+    out = ema.full_state_dict("0.5")
+    masters = ema.full_masters()
+    ema.check_coverage()  # 4 + 2 + 3 elements: complete
+    bigger = EMA(["0.5"], shards, sharded=True, names=names + [("w", torch.Size([2]))])
     try:  # a layout that covers fewer elements than the model has is refused on every rank
-        ema.check_coverage([("u", full_u.shape), ("v", full_v.shape), ("w", torch.Size([2]))])
+        bigger.check_coverage()
         refused = False
     except RuntimeError as e:
         refused = "cover 9 parameter elements" in str(e)

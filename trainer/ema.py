@@ -67,28 +67,38 @@ def param_shapes(module: torch.nn.Module) -> list[tuple[str, torch.Size]]:
 
 
 class EMA:
-    """fp32 EMAs of this rank's master shards, `shadow[rate][i]` for `shards[i]`."""
+    """fp32 EMAs of this rank's master shards, `shadow[rate][i]` for `shards[i]`.
 
-    def __init__(self, rates: list[str], shards: list[Shard], sharded: bool):
+    `names`: every parameter (name, full shape) in model order, identical on all ranks (`param_shapes`); `device`:
+    where the assembling all-reduce runs (the engine's device, for NCCL)."""
+
+    def __init__(self, rates: list[str], shards: list[Shard], sharded: bool, names: list[tuple[str, torch.Size]],
+                 device: torch.device | str = "cpu"):
         self.rates = list(rates)
         self.shards = shards
         self.sharded = sharded
+        self.names = list(names)
+        self.device = device
+        self.offsets: dict[str, int] = {}  # flat offset of each parameter in the assembled model
+        self.total = 0
+        for k, shape in self.names:
+            self.offsets[k] = self.total
+            self.total += shape.numel()
         self.shadow: dict[str, list[torch.Tensor]] = {
             r: [s.master.detach().to(torch.float32).clone() for s in shards] for r in self.rates}
 
     @torch.no_grad()
-    def check_coverage(self, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu") -> None:
+    def check_coverage(self) -> None:
         """Collective when sharded: the ranks' shards must add up to every parameter element exactly once in count
         (the all-reduce in `full_state_dict` would double-count overlapping shards). Raises RuntimeError."""
-        total = sum(shape.numel() for _, shape in names)
-        owned = torch.tensor([float(sum(s.numel for s in self.shards))], dtype=torch.float64, device=device)
+        owned = torch.tensor([float(sum(s.numel for s in self.shards))], dtype=torch.float64, device=self.device)
         if self.sharded:
             dist.all_reduce(owned)
         elif not self.shards:
             return  # not rank 0 of a replicated run
-        if int(owned.item()) != total:
+        if int(owned.item()) != self.total:
             raise RuntimeError(f"EMA shards cover {int(owned.item())} parameter elements over all ranks, the model has "
-                               f"{total}: this DeepSpeed optimizer's fp32 master layout is not supported")
+                               f"{self.total}: this DeepSpeed optimizer's fp32 master layout is not supported")
 
     def _masters(self) -> list[torch.Tensor]:
         return [s.master.detach() if s.master.dtype == torch.float32 else s.master.detach().float() for s in self.shards]
@@ -103,37 +113,29 @@ class EMA:
             torch._foreach_lerp_(self.shadow[r], src, 1.0 - float(r))  # ema += (1 - rate) * (theta - ema)
 
     @torch.no_grad()
-    def full_state_dict(self, rate: str, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu"
-                        ) -> dict[str, torch.Tensor] | None:
-        """{name: full fp32 CPU tensor} on rank 0 (None elsewhere). `names`: every parameter (name, shape) in model
-        order, identical on all ranks; `device`: where the all-reduce runs (the engine's device, for NCCL).
-        Collective (one all-reduce of the whole model) when the EMA is sharded: call it on every rank."""
-        return self._assemble(self.shadow[rate], names, device)
+    def full_state_dict(self, rate: str) -> dict[str, torch.Tensor] | None:
+        """{name: full fp32 CPU tensor} on rank 0 (None elsewhere). Collective (one all-reduce of the whole model)
+        when the EMA is sharded: call it on every rank."""
+        return self._assemble(self.shadow[rate])
 
     @torch.no_grad()
-    def full_masters(self, names: list[tuple[str, torch.Size]], device: torch.device | str = "cpu"
-                     ) -> dict[str, torch.Tensor] | None:
+    def full_masters(self) -> dict[str, torch.Tensor] | None:
         """The current fp32 masters as {name: full CPU tensor} on rank 0 (None elsewhere); collective when sharded."""
-        return self._assemble(self._masters(), names, device)
+        return self._assemble(self._masters())
 
-    def _assemble(self, pieces: list[torch.Tensor], names: list[tuple[str, torch.Size]], device
-                  ) -> dict[str, torch.Tensor] | None:
-        offsets, total = {}, 0
-        for k, shape in names:
-            offsets[k] = total
-            total += shape.numel()
+    def _assemble(self, pieces: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if not self.sharded and not self.shards:
             return None  # not rank 0 of a replicated run
-        flat = torch.zeros(total, dtype=torch.float32, device=device)
+        flat = torch.zeros(self.total, dtype=torch.float32, device=self.device)
         for s, t in zip(self.shards, pieces):
-            o = offsets[s.name] + s.start
+            o = self.offsets[s.name] + s.start
             flat[o:o + s.numel].copy_(t.to(flat.device, torch.float32))
         if self.sharded:
             dist.all_reduce(flat)  # every element is owned by exactly one rank: the sum assembles the whole
             if dist.get_rank() != 0:
                 return None
-        flat = flat.cpu() if flat.device.type != "cpu" else flat
-        return {k: flat[offsets[k]:offsets[k] + shape.numel()].view(shape).clone() for k, shape in names}
+        flat = flat.cpu()
+        return {k: flat[self.offsets[k]:self.offsets[k] + shape.numel()].view(shape).clone() for k, shape in self.names}
 
     @torch.no_grad()
     def load(self, rate: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -165,9 +165,8 @@ def train(cfg: TrainConfig, launch) -> int:
                                load_optimizer_states=True, load_lr_scheduler_states=True)
     # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed re-links)
     shards, sharded = local_master_shards(engine, rank, world)
-    ema = EMA(cfg.ema_rates(), shards, sharded)
-    shapes = param_shapes(engine.module)
-    ema.check_coverage(shapes, device)
+    ema = EMA(cfg.ema_rates(), shards, sharded, param_shapes(engine.module), device)
+    ema.check_coverage()
     if resume_from:
         from safetensors.torch import load_file
         sampler.load_state_dict(load_file(os.path.join(resume_from, "sampler.safetensors")))
@@ -198,12 +197,12 @@ def train(cfg: TrainConfig, launch) -> int:
         engine.save_checkpoint(os.path.join(folder, "ds"), tag="ds", save_latest=False)
         from trainer.fsio import atomic_save_safetensors, atomic_write_json
         buffers = {k: b.cpu() for k, b in engine.module.named_buffers()}
-        masters = ema.full_masters(shapes, device)  # collectives: every rank takes part, rank 0 gets the tensors
+        masters = ema.full_masters()  # collectives: every rank takes part, rank 0 gets the tensors
         if rank == 0:
             atomic_save_safetensors(os.path.join(folder, "model.safetensors"), {**masters, **buffers})
         del masters
         for r in ema.rates:
-            full = ema.full_state_dict(r, shapes, device)
+            full = ema.full_state_dict(r)
             if rank == 0:
                 atomic_save_safetensors(os.path.join(folder, f"ema_{r}.safetensors"), {**full, **buffers})
         if rank == 0:
@@ -225,7 +224,7 @@ def train(cfg: TrainConfig, launch) -> int:
 
     def sample_grid(at: int) -> None:
         """A grid of samples from each EMA at fixed noise and labels (collective: the EMAs are assembled first)."""
-        weights = {r: ema.full_state_dict(r, shapes, device) for r in ema.rates}
+        weights = {r: ema.full_state_dict(r) for r in ema.rates}
         if rank != 0:
             return
         from trainer.images import save_grid
