@@ -20,6 +20,7 @@ backward, for R > 1 one gloo all-reduce of all gradients as a single flat buffer
 leaves it out, so the ranks train separate models), grad-norm clip 1.0 and torch's fused AdamW (the trainer's
 optimizer on CPU). bf16 is done as DeepSpeed does it: bf16 weights and activations, fp32 master weights in
 AdamW, copied back after each step. Its images/s = steady images / steady time, summed over its processes.
+All loops run with the same THP_MEM_ALLOC_ENABLE (--thp; default 1, as the trainer sets it for itself).
 
 A third run per case (unless --no-deepspeed-only), "DeepSpeed only", is the same loop driven by the trainer's
 DeepSpeed engine with the trainer's generated DeepSpeed config for that ZeRO stage and precision
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bare-comm", choices=["allreduce", "none"], default="allreduce",
                    help="bare loop with more than one rank: all-reduce the gradients as data-parallel training must "
                         "(default), or none (independent models, no communication)")
+    p.add_argument("--thp", choices=["0", "1"], default="1",
+                   help="THP_MEM_ALLOC_ENABLE for all three loops: 1 (the trainer's default) puts torch's CPU tensors "
+                        "of 2 MiB and more on transparent huge pages, 0 does not")
     p.add_argument("--no-deepspeed-only", action="store_true",
                    help="skip the DeepSpeed-only loop (the split of the overhead into DeepSpeed's and the trainer's)")
     p.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)  # internal: one bare-loop process
@@ -314,8 +318,9 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, 
     return [res[p.pid] for p in procs]
 
 
-def _env(threads: int, rank: int | None = None, world: int = 1, port: int = 0) -> dict[str, str]:
+def _env(threads: int, rank: int | None = None, world: int = 1, port: int = 0, thp: str = "1") -> dict[str, str]:
     env = dict(os.environ)
+    env["THP_MEM_ALLOC_ENABLE"] = thp  # the same for the trainer, the bare and the DeepSpeed-only loops
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -351,7 +356,7 @@ def run_bare(a: argparse.Namespace, ranks: int, precision: str, logdir: Path, ta
                "--_bare-rank", str(r), "--_bare-world", str(world), "--_bare-port", str(port),
                "--_bare-zero", str(zero), "--preset", a.preset, "--batch", str(a.batch), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--threads", str(thr)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(thr), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(thr, thp=a.thp), stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     waited = _wait_all(procs, a.timeout)
     outs = []
@@ -391,7 +396,7 @@ def run_trainer(a: argparse.Namespace, ranks: int, zero: int, precision: str, da
     t0 = time.perf_counter()
     for r in range(ranks):
         log = open(work / f"trainer_r{ranks}_z{zero}_{precision}_{r}.log", "w+")
-        env = _env(thr) if ranks == 1 else _env(thr, r, ranks, port)
+        env = _env(thr, thp=a.thp) if ranks == 1 else _env(thr, r, ranks, port, thp=a.thp)
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     waited = _wait_all(procs, a.timeout)
@@ -524,7 +529,9 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
          f"- Data: {res['data_kind']}.",
          "- Bare loop with more than one rank: " + ("gradients all-reduced over gloo as one flat buffer each step "
          "(the smallest data-parallel loop)." if a.get("bare_comm", "allreduce") == "allreduce" else
-         "no communication (each rank trains its own model)."), ]
+         "no communication (each rank trains its own model)."),
+         f"- THP_MEM_ALLOC_ENABLE={a.get('thp', '0 (not set by this version)')} in all three loops (1: torch's CPU "
+         "tensors of 2 MiB and more on transparent huge pages, the trainer's default).", ]
     if a.get("note"):
         L.append(f"- Note: {a['note']}")
     L += ["", "| ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "

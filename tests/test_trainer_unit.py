@@ -127,10 +127,12 @@ def test_deepspeed_config_generation_and_override(tmp_path) -> None:
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_scatter": False,
-                                       "use_multi_rank_bucket_allreduce": False}  # merged, not replaced
+                                       "use_multi_rank_bucket_allreduce": False,
+                                       "contiguous_gradients": False}  # merged, not replaced
     assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
     gpu = deepspeed_config(c, 2, on_gpu=True)  # on GPU: DeepSpeed's FusedAdam and its own ZeRO defaults
     assert "torch_adam" not in gpu["optimizer"]["params"] and "reduce_scatter" not in gpu["zero_optimization"]
+    assert "contiguous_gradients" not in gpu["zero_optimization"]
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.01
     fp16 = deepspeed_config(TrainConfig(data="d", run_dir="r", precision="fp16"), 1)
@@ -210,3 +212,32 @@ def test_export_cli_errors(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "trainer.export", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no checkpoint" in r.stderr
+
+
+_THP_PROBE = """
+import os, torch
+import trainer.main
+x = torch.ones(64 << 18)  # 64 MiB, touched
+kb = [int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")]
+print(os.environ["THP_MEM_ALLOC_ENABLE"], kb[0] if kb else -1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_trainer_turns_on_transparent_huge_pages_unless_told_not_to() -> None:
+    def probe(value: str | None) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = value
+        out = subprocess.run([sys.executable, "-c", _THP_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    flag, huge_kb = probe(None)
+    assert flag == "1"  # set by trainer.main before torch's first allocation
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" not in mode:  # the kernel honours madvise: the 64 MiB tensor sits (mostly) on 2 MiB pages
+        assert huge_kb >= 32 * 1024, (mode, huge_kb)
+    assert probe("0")[0] == "0"  # the user's setting wins
+    if "[madvise]" in mode:
+        assert probe("0")[1] < 4 * 1024

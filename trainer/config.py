@@ -305,8 +305,11 @@ def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> 
     # to 0 through --deepspeed-config to partition everything in tiny models.
     if not on_gpu and c.zero_stage in (1, 2):
         # gloo on CPU: one plain all-reduce of the gradient bucket instead of DeepSpeed's reduce-scatter and
-        # multi-rank bucket paths (measured 2026-12-01, 30M fp32, 2 ranks x 1 thread: about 5% more images/s)
-        ds["zero_optimization"].update({"reduce_scatter": False, "use_multi_rank_bucket_allreduce": False})
+        # multi-rank bucket paths (measured 2026-12-01, 30M fp32, 2 ranks x 1 thread: about 5% more images/s);
+        # no contiguous gradient buffer: it is one more copy of every gradient in backward, and it exists to avoid
+        # GPU memory fragmentation (30M fp32, 1 rank: backward 1.28 instead of 1.33 s)
+        ds["zero_optimization"].update({"reduce_scatter": False, "use_multi_rank_bucket_allreduce": False,
+                                        "contiguous_gradients": False})
     if c.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif c.precision == "fp16":
