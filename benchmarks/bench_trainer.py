@@ -28,7 +28,10 @@ DeepSpeed engine with the trainer's generated DeepSpeed config for that ZeRO sta
 trainer around it: no data stream, EMA, sampler sync, logging or checkpoints. It splits the overhead into
 DeepSpeed's share (DeepSpeed only vs bare) and the trainer's own (trainer vs DeepSpeed only).
 
-overhead = 1 - trainer_img_s / bare_img_s (target < 10%). Peak memory: each process's peak resident set size
+overhead = 1 - trainer_img_s / bare_img_s (target < 10%). With --repeats N the whole list of cases is measured N
+times, round after round (each round: bare, DeepSpeed only, trainer per case), and each case is judged by the median
+of its per-round overheads: on a shared or virtual machine whose speed drifts by tens of percent over minutes, one
+round can put the bare loop in a slow minute and the trainer in a fast one, or the reverse. Peak memory: each process's peak resident set size
 from os.wait4 (ru_maxrss: the whole life of the process, including start-up and, for the trainer, the final
 checkpoint and sample grid), plus the trainer's own `mem/peak_mb_max_rank` scalar at its last step.
 Results: --out (markdown) and the same name with .json.
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="OpenMP threads per rank for every case (overrides --threads; 1 degrades more gracefully "
                         "than 2 when other processes share the cores)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds: the whole list of cases is measured this many times, round after round, and each "
+                        "case's overhead is reported per round and as the median over rounds (a machine whose speed "
+                        "drifts over minutes needs 3 or more)")
     p.add_argument("--reuse-bare", action="store_true",
                    help="measure the bare loop once per (ranks, precision) instead of right before every case "
                         "(faster; worse when the machine's load changes)")
@@ -162,6 +169,8 @@ def validate(a: argparse.Namespace) -> None:
         _die(f"--threads-per-rank must be >= 1, got {a.threads_per_rank}")
     if a.timeout <= 0:
         _die("--timeout must be positive")
+    if a.repeats < 1:
+        _die(f"--repeats must be >= 1, got {a.repeats}")
     if not a.out.endswith(".md"):
         _die(f"--out must end in .md (the JSON goes next to it), got {a.out!r}")
 
@@ -510,6 +519,32 @@ def best_overhead(c: dict[str, Any], a: dict[str, Any]) -> float:
     return 1.0 - max(c["trainer"]["img_s_per_step"]) / bare_best
 
 
+def summarize(ok: list[dict[str, Any]], a: dict[str, Any]) -> dict[tuple[int, int, str], dict[str, Any]]:
+    """Per (ranks, zero, precision): the medians over rounds of the overhead and of the trainer's own overhead
+    (floats), and "median (min to max)" strings, in percent, of those, of DeepSpeed's share and of the fastest-steps
+    overhead."""
+    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for c in ok:
+        groups.setdefault((c["ranks"], c["zero"], c["precision"]), []).append(c)
+
+    def fmt(xs: list[float]) -> str:
+        if not xs:
+            return "-"
+        med = f"{100 * statistics.median(xs):.1f}%"
+        return med if len(xs) == 1 else f"{med} ({100 * min(xs):.1f} to {100 * max(xs):.1f})"
+
+    out = {}
+    for k, cs in groups.items():
+        ov = [c["overhead"] for c in cs]
+        own = [c["overhead_own"] for c in cs if "overhead_own" in c]
+        out[k] = {"n": len(cs), "median": statistics.median(ov), "overhead": fmt(ov), "own": fmt(own),
+                  "own_median": statistics.median(own) if own else None,
+                  "deepspeed": fmt([1 - c["deepspeed_only"]["img_s"] / c["bare"]["img_s"] for c in cs
+                                    if "deepspeed_only" in c]),
+                  "fastest": fmt([best_overhead(c, a) for c in cs])}
+    return out
+
+
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     m, a = res["machine"], res["args"]
     L = ["# Trainer overhead vs a bare training loop (issue 5)", "",
@@ -534,16 +569,18 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
          "tensors of 2 MiB and more on transparent huge pages, the trainer's default).", ]
     if a.get("note"):
         L.append(f"- Note: {a['note']}")
-    L += ["", "| ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "
+    L += ["", "| round | ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "
           "overhead | trainer peak RSS MiB per rank "
           "| trainer TB mem MB (max rank) | bare peak RSS MiB per rank | trainer img/s per step | bare s/step (rank 0) | load "
-          "| overhead, fastest steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| overhead, fastest steps |", "|---" * 16 + "|"]
     for c in res["cases"]:
         if "error" in c:
-            L.append(f"| {c['ranks']} | {c['zero']} | {c['precision']} | failed: {c['error'][:200]} | | | | | | | | | | {c['load1']} | |")
+            L.append(f"| {c.get('round', 1)} | {c['ranks']} | {c['zero']} | {c['precision']} | failed: "
+                     f"{c['error'][:200]} | | | | | | | | | | {c['load1']} | |")
             continue
         t, b = c["trainer"], c["bare"]
-        L.append(f"| {c['ranks']} | {c['zero']} | {c['precision']} | {t['img_s']:.3f} | {b['img_s']:.3f} | "
+        L.append(f"| {c.get('round', 1)} | {c['ranks']} | {c['zero']} | {c['precision']} | {t['img_s']:.3f} | "
+                 f"{b['img_s']:.3f} | "
                  f"**{100 * c['overhead']:.1f}%** | "
                  + (f"{c['deepspeed_only']['img_s']:.3f} | {100 * c['overhead_own']:.1f}% | " if "deepspeed_only" in c
                     else "- | - | ")
@@ -556,20 +593,28 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
     L += ["", "Other processes above 10% CPU (ps) at the start of a case: " + (", ".join(busy) if busy else "none")
           + " (per case, with pids, in the JSON)."]
     ok = [c for c in res["cases"] if "overhead" in c]
-    if ok:
-        worst = max(ok, key=lambda c: c["overhead"])
-        L += ["", f"Target overhead < 10%: {sum(c['overhead'] < 0.10 for c in ok)} of {len(ok)} measured cases meet it; "
-              f"the largest is {100 * worst['overhead']:.1f}% ({worst['ranks']} rank(s), ZeRO {worst['zero']}, "
-              f"{worst['precision']})."]
-        own = [c for c in ok if "overhead_own" in c]
+    per_case = summarize(ok, a)
+    if per_case:
+        rounds = max(c.get("round", 1) for c in ok)
+        if rounds > 1:
+            L += ["", f"Per case over {rounds} rounds (the median of the per-round figures; min to max in brackets):",
+                  "", "| ranks | ZeRO | precision | rounds | overhead | trainer's own overhead | overhead, fastest steps |",
+                  "|---|---|---|---|---|---|---|"]
+            for k, v in per_case.items():
+                L.append(f"| {k[0]} | {k[1]} | {k[2]} | {v['n']} | **{v['overhead']}** | {v['own']} | {v['fastest']} |")
+        meet = [k for k, v in per_case.items() if v["median"] < 0.10]
+        worst_k = max(per_case, key=lambda k: per_case[k]["median"])
+        L += ["", f"Target overhead < 10%: {len(meet)} of {len(per_case)} measured cases meet it"
+              + (" (median over rounds)" if rounds > 1 else "") + f"; the largest is "
+              f"{100 * per_case[worst_k]['median']:.1f}% ({worst_k[0]} rank(s), ZeRO {worst_k[1]}, {worst_k[2]})."]
+        own = {k: v for k, v in per_case.items() if v["own_median"] is not None}
         if own:
-            worst_own = max(own, key=lambda c: c["overhead_own"])
+            worst_k = max(own, key=lambda k: own[k]["own_median"])
             L += ["", f"The trainer's own overhead (trainer vs the DeepSpeed-only loop): under 10% in "
-                  f"{sum(c['overhead_own'] < 0.10 for c in own)} of {len(own)} cases, at most "
-                  f"{100 * worst_own['overhead_own']:.1f}% ({worst_own['ranks']} rank(s), ZeRO {worst_own['zero']}, "
-                  f"{worst_own['precision']}). DeepSpeed's share (1 - DeepSpeed only / bare) per case: "
-                  + ", ".join(f"{c['ranks']}:{c['zero']}:{c['precision']} "
-                              f"{100 * (1 - c['deepspeed_only']['img_s'] / c['bare']['img_s']):.1f}%" for c in own) + "."]
+                  f"{sum(v['own_median'] < 0.10 for v in own.values())} of {len(own)} cases, at most "
+                  f"{100 * own[worst_k]['own_median']:.1f}% ({worst_k[0]} rank(s), ZeRO {worst_k[1]}, {worst_k[2]}). "
+                  f"DeepSpeed's share (1 - DeepSpeed only / bare) per case: "
+                  + ", ".join(f"{k[0]}:{k[1]}:{k[2]} {v['deepspeed']}" for k, v in own.items()) + "."]
         if any(c["overhead"] < 0 for c in ok):
             L += ["A negative overhead means the bare loop ran slower than the trainer, which the trainer cannot "
                   "really beat: the machine's load changed between the two runs, and such figures are noise."]
@@ -617,16 +662,17 @@ def main(argv: list[str] | None = None) -> int:
     res["data_kind"] = (f"digits shards ({mc['image_size']} px, data.prepare digits)" if mc["image_size"] in (16, 32)
                         else f"random uint8 {mc['image_size']}x{mc['image_size']} images with random labels, "
                              f"sharded by data.prepare npz")
-    bare_cache: dict[tuple[int, str], dict[str, Any]] = {}
-    for ranks, zero, prec in cases:
-        case: dict[str, Any] = {"ranks": ranks, "zero": zero, "precision": prec, "load1": loadavg()[:1]}
+    bare_cache: dict[tuple[int, int, str], dict[str, Any]] = {}  # (round, ranks, precision)
+    for rnd, (ranks, zero, prec) in ((r, c) for r in range(1, a.repeats + 1) for c in cases):
+        case: dict[str, Any] = {"round": rnd, "ranks": ranks, "zero": zero, "precision": prec, "load1": loadavg()[:1]}
         case["load1"] = case["load1"][0] if case["load1"] else None
         case["other_busy_processes"] = busy_processes()
-        print(f"bench_trainer: {ranks} rank(s), ZeRO {zero}, {prec} ...", file=sys.stderr, flush=True)
+        print(f"bench_trainer: round {rnd}/{a.repeats}: {ranks} rank(s), ZeRO {zero}, {prec} ...", file=sys.stderr,
+              flush=True)
         try:
-            if (ranks, prec) not in bare_cache or not a.reuse_bare:
-                bare_cache[(ranks, prec)] = run_bare(a, ranks, prec, work, f"_z{zero}")
-            case["bare"] = bare_cache[(ranks, prec)]
+            if (rnd, ranks, prec) not in bare_cache or not a.reuse_bare:
+                bare_cache[(rnd, ranks, prec)] = run_bare(a, ranks, prec, work, f"_z{zero}")
+            case["bare"] = bare_cache[(rnd, ranks, prec)]
             if not a.no_deepspeed_only:
                 case["deepspeed_only"] = run_bare(a, ranks, prec, work, f"_z{zero}", zero=zero)
             case["trainer"] = run_trainer(a, ranks, zero, prec, data, work)

@@ -17,20 +17,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_trainer_runs_all_loops_on_two_ranks(tmp_path) -> None:
     out = tmp_path / "trainer.md"
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_trainer", "--preset", "tiny16", "--batch", "2",
-                        "--steps", "3", "--warmup", "1", "--threads-per-rank", "1", "--cases", "2:1:fp32",
+                        "--steps", "3", "--warmup", "1", "--threads-per-rank", "1", "--cases", "2:1:fp32", "--repeats", "2",
                         "--work-dir", str(tmp_path / "work"), "--out", str(out), "--timeout", "300"],
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.with_suffix(".json").read_text())
-    (case,) = res["cases"]
-    assert (case["ranks"], case["zero"], case["precision"]) == (2, 1, "fp32")
-    for loop in ("bare", "deepspeed_only"):
-        assert len(case[loop]["per_rank"]) == 2 and case[loop]["img_s"] > 0
-        assert all(len(p["step_s"]) == 3 for p in case[loop]["per_rank"])
-    assert case["trainer"]["img_s"] > 0 and len(case["trainer"]["img_s_per_step"]) == 2  # steps 2 and 3
-    assert case["overhead"] == pytest.approx(1 - case["trainer"]["img_s"] / case["bare"]["img_s"])
+    assert [c["round"] for c in res["cases"]] == [1, 2]  # the case measured in two rounds, all three loops each
+    for case in res["cases"]:
+        assert (case["ranks"], case["zero"], case["precision"]) == (2, 1, "fp32")
+        for loop in ("bare", "deepspeed_only"):
+            assert len(case[loop]["per_rank"]) == 2 and case[loop]["img_s"] > 0
+            assert all(len(p["step_s"]) == 3 for p in case[loop]["per_rank"])
+        assert case["trainer"]["img_s"] > 0 and len(case["trainer"]["img_s_per_step"]) == 2  # steps 2 and 3
+        assert case["overhead"] == pytest.approx(1 - case["trainer"]["img_s"] / case["bare"]["img_s"])
     md = out.read_text()
-    assert "| 2 | 1 | fp32 |" in md and "trainer's own overhead" in md and "gradients all-reduced over gloo" in md
+    assert "| 1 | 2 | 1 | fp32 |" in md and "| 2 | 2 | 1 | fp32 |" in md  # round, ranks, ZeRO, precision
+    assert "Per case over 2 rounds" in md and "| 2 | 1 | fp32 | 2 |" in md  # the per-case medians
+    assert "trainer's own overhead" in md and "gradients all-reduced over gloo" in md
+    assert "THP_MEM_ALLOC_ENABLE=1 in all three loops" in md
 
 
 def test_bench_trainer_bad_input_is_one_line_exit_2(tmp_path) -> None:
@@ -38,3 +42,7 @@ def test_bench_trainer_bad_input_is_one_line_exit_2(tmp_path) -> None:
                         str(tmp_path / "x.md")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown --preset 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_trainer", "--repeats", "0", "--out",
+                        str(tmp_path / "x.md")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--repeats must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1

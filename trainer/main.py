@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # `deepspeed trainer/main.py`: make the repositor
 
 # Transparent huge pages for torch's CPU tensors of 2 MiB and more (read once, at torch's first allocation, so set
 # before importing torch). DeepSpeed allocates its flat gradient buffers every step; with 4 KiB pages their page
-# faults cost about 7% of a 30M step at ZeRO-1/2 on one CPU rank and 15% at ZeRO-0 on two (measured 2026-12-01,
-# benchmarks/results/trainer.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+# faults cost about 10% of a 30M step at ZeRO-1 on one CPU rank and 15% at ZeRO-0 on two (measured 2026-12-01,
+# docs/trainer.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
