@@ -32,8 +32,9 @@ overhead = 1 - trainer_img_s / bare_img_s (target < 10%). With --repeats N the w
 times, round after round (each round: bare, DeepSpeed only, trainer per case), and each case is judged by the median
 of its per-round overheads: on a shared or virtual machine whose speed drifts by tens of percent over minutes, one
 round can put the bare loop in a slow minute and the trainer in a fast one, or the reverse.
-Peak memory: each process's peak resident set size from os.wait4 (ru_maxrss: the whole life of the process, including start-up and, for the trainer, the final
-checkpoint and sample grid), plus the trainer's own `mem/peak_mb_max_rank` scalar at its last step.
+Peak memory: each process's peak resident set size from os.wait4 (ru_maxrss: the whole life of the process,
+including start-up and, for the trainer, the final checkpoint and sample grid), plus the trainer's own
+`mem/peak_mb_max_rank` scalar at its last step.
 Results: --out (markdown) and the same name with .json.
 """
 from __future__ import annotations
