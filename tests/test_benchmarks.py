@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_trainer_runs_all_loops_on_two_ranks(tmp_path) -> None:
     out = tmp_path / "trainer.md"
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_trainer", "--preset", "tiny16", "--batch", "2",
-                        "--steps", "3", "--warmup", "1", "--threads-per-rank", "1", "--cases", "2:1:fp32", "--repeats", "2",
-                        "--work-dir", str(tmp_path / "work"), "--out", str(out), "--timeout", "300"],
+                        "--steps", "3", "--warmup", "1", "--threads-per-rank", "1", "--cases", "2:1:fp32",
+                        "--repeats", "2", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--timeout", "300"],
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.with_suffix(".json").read_text())
