@@ -1,22 +1,52 @@
-"""Small CLI helpers shared by ``data.prepare`` and ``data.verify``: one-line errors, exit code 2."""
+"""The one convention every CLI of this project follows (data, trainer, evaluations, cluster helpers).
+
+- Bad input raises `UsageError` (or its subclass `data.errors.DataError`); the CLI's `main` turns it into ONE line
+  on stderr, `PROG: error: MESSAGE`, and exit code 2 (`die`).
+- `ArgumentParser` reports argparse's own errors the same way (no usage dump), and `flag()` declares booleans as
+  `--name/--no-name`.
+- Naming: `--out FILE` for one output file, `--out-dir DIR` for a folder, `--batch-size`, `--workers`, `--seed`,
+  `--progress/--no-progress` mean the same thing everywhere.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn, Sequence
 
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad user input (flags, paths, files, presets): printed as one line, exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def die(message: str, prog: str = "", code: int = EXIT_USAGE) -> NoReturn:
+    """Print `prog: error: message` (one line) on stderr and exit with `code` (2: bad input)."""
+    line = " ".join(str(message).split())
+    sys.stderr.write(f"{prog}: error: {line}\n" if prog else line + "\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad input as ONE line on stderr and exits with code 2 (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        fail(f"{self.prog}: error: {message} (see --help)")
+        die(f"{message} (see --help)", self.prog)
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print a single line on stderr and exit with ``code``."""
-    sys.stderr.write(" ".join(str(message).split()) + "\n")
-    sys.stderr.flush()
-    raise SystemExit(code)
+def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
+    """A boolean option spelled `--name` / `--no-name`."""
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], prog: str,
+            argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)`; a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        die(str(e), prog)
