@@ -107,7 +107,7 @@ def machine() -> str:
 
 
 def loader_needs(ours: float, ours_w1: float) -> list[str]:
-    from diffusion.presets import describe
+    from benchmarks.model_profile import describe
 
     rows = []
     for name in ("30M", "270M"):

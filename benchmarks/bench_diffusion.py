@@ -54,7 +54,7 @@ def bench_training_losses(reps: int) -> dict[str, dict[str, float]]:
 
     def model_only():
         net.zero_grad(set_to_none=True)
-        x_t = D.q_sample(x0, t, noise)
+        x_t = D.q_sample(x0, t, noise=noise)
         model(x_t, t).square().mean().backward()
 
     def losses_forward():

@@ -7,6 +7,7 @@ fp16 model outputs never enter the loss arithmetic). The model is any callable `
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -18,12 +19,13 @@ from .losses import NATS_TO_BITS, discretized_gaussian_log_likelihood, mean_flat
 MEAN_TYPES = ("epsilon", "xstart")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
+SAMPLE_METHODS = ("ddpm", "ddim")
 
 Model = Callable[..., torch.Tensor]
 CondFn = Callable[..., torch.Tensor]
 
 
-def randn(shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype = torch.float32,
+def randn(shape: tuple[int, ...], *, device: torch.device | str | None, dtype: torch.dtype = torch.float32,
           generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal noise; drawn on the generator's device and moved, so a CPU generator is reproducible anywhere."""
     if generator is None:
@@ -39,6 +41,14 @@ def _progress(it: Any, progress: bool, desc: str) -> Any:
     except ImportError:  # progress bars are optional
         return it
     return tqdm(it, desc=desc)
+
+
+def _final_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Runs a progressive sampling loop to its end and returns the last step's sample."""
+    final = None
+    for final in steps:
+        pass
+    return final["sample"]
 
 
 class GaussianDiffusion:
@@ -125,12 +135,12 @@ class GaussianDiffusion:
         var = 1.0 - self._extract("alphas_cumprod", t, x)
         return mean, var, torch.log(var)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, *, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; x_start [B,...], t [B] -> [B,...] in x_start's dtype."""
         self._check_t(t, x_start)
         if noise is None:
-            noise = randn(tuple(x_start.shape), x_start.device, x_start.dtype, generator)
+            noise = randn(tuple(x_start.shape), device=x_start.device, dtype=x_start.dtype, generator=generator)
         elif noise.shape != x_start.shape:
             raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs x_start {tuple(x_start.shape)}")
         return self._q_sample(x_start, t, noise)
@@ -173,7 +183,7 @@ class GaussianDiffusion:
         out = out.to(self._compute_dtype(x))
         return (out[:, :C], out[:, C:]) if want == 2 * C else (out, None)
 
-    def p_mean_variance(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+    def p_mean_variance(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = True,
                         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         model_kwargs: dict | None = None, model_output: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t): dict mean [B,...], variance, log_variance ([B,...] learned, else [B,1,...]),
@@ -183,12 +193,13 @@ class GaussianDiffusion:
         if model_output is None:
             model_output = self._model(model, x, t, model_kwargs)
         mean_out, var_out = self._split_output(model_output, x)
-        out = self._output_to_dist(mean_out, var_out, x.to(mean_out.dtype), t, clip_denoised, denoised_fn)
+        out = self._output_to_dist(mean_out, var_out, x.to(mean_out.dtype), t, clip_denoised=clip_denoised,
+                                   denoised_fn=denoised_fn)
         out["model_output"] = model_output
         return out
 
     def _output_to_dist(self, mean_out: torch.Tensor, var_out: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor,
-                        clip_denoised: bool, denoised_fn: Callable | None) -> dict[str, torch.Tensor]:
+                        *, clip_denoised: bool, denoised_fn: Callable | None = None) -> dict[str, torch.Tensor]:
         """The reverse-process Gaussian from the split model output (mean part, variance part or None)."""
         if self.model_var_type == "learned_range":
             min_log = self._extract("posterior_log_variance_clipped", t, x)
@@ -222,14 +233,14 @@ class GaussianDiffusion:
         return np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
 
     # ------------------------------------------------------------------------------------------ guidance
-    def condition_mean(self, cond_fn: CondFn, out: dict, x: torch.Tensor, t: torch.Tensor,
+    def condition_mean(self, cond_fn: CondFn, out: dict, x: torch.Tensor, t: torch.Tensor, *,
                        model_kwargs: dict | None = None) -> torch.Tensor:
         """Classifier guidance for DDPM (Dhariwal & Nichol 2021, alg. 1): mean + Sigma * grad log p(y|x_t)."""
         with torch.enable_grad():
             grad = cond_fn(x, self.map_timesteps(t), **(model_kwargs or {}))
         return out["mean"] + out["variance"] * grad.to(out["mean"].dtype)
 
-    def condition_score(self, cond_fn: CondFn, out: dict, x: torch.Tensor, t: torch.Tensor,
+    def condition_score(self, cond_fn: CondFn, out: dict, x: torch.Tensor, t: torch.Tensor, *,
                         model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """Classifier guidance for DDIM (alg. 2): eps - sqrt(1 - abar_t) * grad; returns out with eps, pred_xstart, mean."""
         xc = x.to(out["pred_xstart"].dtype)
@@ -243,64 +254,29 @@ class GaussianDiffusion:
         new["mean"], _, _ = self._q_posterior(new["pred_xstart"], xc, t)
         return new
 
-    # ------------------------------------------------------------------------------------------- DDPM sampling
-    def p_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+    # ------------------------------------------------------------------------------------------ single steps
+    def p_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = True,
                  denoised_fn: Callable | None = None, cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} (no noise where t == 0): dict sample, pred_xstart, in x's dtype."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
-        noise = randn(tuple(x.shape), x.device, out["mean"].dtype, generator)
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        noise = randn(tuple(x.shape), device=x.device, dtype=out["mean"].dtype, generator=generator)
         nonzero = (t != 0).to(noise.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"].to(x.dtype)}
 
-    def _init_noise(self, shape: tuple[int, ...], noise: torch.Tensor | None, device: Any,
-                    generator: torch.Generator | None) -> torch.Tensor:
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs shape {tuple(shape)}")
-            return noise.to(device) if device is not None else noise
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
-        return randn(tuple(shape), device, torch.float32, generator)
-
-    def p_sample_loop_progressive(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
-                                  clip_denoised: bool = True, denoised_fn: Callable | None = None,
-                                  cond_fn: CondFn | None = None, model_kwargs: dict | None = None, device: Any = None,
-                                  progress: bool = False, generator: torch.Generator | None = None
-                                  ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields p_sample's dict after every step, from t = T-1 down to 0."""
-        x = self._init_noise(shape, noise, device, generator)
-        for i in _progress(range(self.num_timesteps - 1, -1, -1), progress, "DDPM"):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
-            with torch.no_grad():
-                out = self.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator)
-            yield out
-            x = out["sample"]
-
-    def p_sample_loop(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
-                      clip_denoised: bool = True, denoised_fn: Callable | None = None, cond_fn: CondFn | None = None,
-                      model_kwargs: dict | None = None, device: Any = None, progress: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral sampling from x_T ~ N(0, I) (or `noise`) to x_0: [shape]. The model runs under no_grad;
-        cond_fn(x, t, **model_kwargs) -> grad log p(y | x_t) [shape] is called with grad enabled."""
-        final = None
-        for final in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                    model_kwargs, device, progress, generator):
-            pass
-        return final["sample"]
-
-    # ------------------------------------------------------------------------------------------- DDIM sampling
-    def ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+    def ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = True,
                     denoised_fn: Callable | None = None, cond_fn: CondFn | None = None,
                     model_kwargs: dict | None = None, eta: float = 0.0,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta=0 deterministic, eta=1 the DDPM posterior variance."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         else:  # epsilon consistent with the (clipped) x_0, as in improved-diffusion
             out["eps"] = self._predict_eps_from_xstart(x.to(out["pred_xstart"].dtype), t, out["pred_xstart"])
         eps, x0 = out["eps"], out["pred_xstart"]
@@ -310,17 +286,18 @@ class GaussianDiffusion:
         mean = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
         nonzero = (t != 0).to(eps.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         if eta > 0:
-            mean = mean + nonzero * sigma * randn(tuple(x.shape), x.device, eps.dtype, generator)
+            mean = mean + nonzero * sigma * randn(tuple(x.shape), device=x.device, dtype=eps.dtype, generator=generator)
         return {"sample": mean.to(x.dtype), "pred_xstart": x0.to(x.dtype)}
 
-    def ddim_reverse_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
+    def ddim_reverse_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = False,
                             denoised_fn: Callable | None = None, model_kwargs: dict | None = None
                             ) -> dict[str, torch.Tensor]:
         """Inverse of the eta = 0 ddim_sample step at index t: x at noise level abar_{t-1} -> x_t at abar_t.
 
         The sampling step needs eps(x_t, t), unknown before x_t exists; it is approximated by the model at (x, t).
         The step is then the exact inverse whenever the model's epsilon does not change between the two levels."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
         xc = x.to(out["pred_xstart"].dtype)
         eps = self._predict_eps_from_xstart(xc, t, out["pred_xstart"])
         ab = self._extract("alphas_cumprod", t, eps)
@@ -329,33 +306,68 @@ class GaussianDiffusion:
         sample = x0 * torch.sqrt(ab) + torch.sqrt(1 - ab) * eps
         return {"sample": sample.to(x.dtype), "pred_xstart": x0.to(x.dtype)}
 
-    def ddim_sample_loop_progressive(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
-                                     clip_denoised: bool = True, denoised_fn: Callable | None = None,
-                                     cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
-                                     device: Any = None, progress: bool = False, eta: float = 0.0,
-                                     generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    # ---------------------------------------------------------------------------------------- sampling loops
+    def _init_noise(self, shape: tuple[int, ...], noise: torch.Tensor | None, device: Any,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs shape {tuple(shape)}")
+            return noise.to(device) if device is not None else noise
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        return randn(tuple(shape), device=device, dtype=torch.float32, generator=generator)
+
+    def sample_loop_progressive(self, model: Model, shape: tuple[int, ...], *, method: str = "ddpm",
+                                noise: torch.Tensor | None = None, clip_denoised: bool = True,
+                                denoised_fn: Callable | None = None, cond_fn: CondFn | None = None,
+                                model_kwargs: dict | None = None, device: Any = None, progress: bool = False,
+                                eta: float = 0.0, generator: torch.Generator | None = None
+                                ) -> Iterator[dict[str, torch.Tensor]]:
+        """The one sampling loop: yields the step's dict (sample, pred_xstart [shape]) after every step, t = T-1 .. 0.
+
+        method: "ddpm" (ancestral steps, p_sample) or "ddim" (ddim_sample with `eta`: 0 deterministic, 1 the DDPM
+        posterior variance; respace with "ddimN" for the DDIM paper's schedule). x_T is `noise` [shape] (moved to
+        `device` if given) or float32 N(0, I) drawn from `generator`. The model runs under no_grad;
+        cond_fn(x, t, **model_kwargs) -> grad log p(y | x_t) [shape] is called with grad enabled. Arguments are
+        checked when the first step is taken.
+        """
+        if method not in SAMPLE_METHODS:
+            raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLE_METHODS)}")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta!r}")
+        if method == "ddpm" and eta != 0:
+            raise ValueError(f"eta={eta!r} is a DDIM setting; use method='ddim' (ddim_sample_loop)")
+        step = functools.partial(self.ddim_sample, eta=eta) if method == "ddim" else self.p_sample
         x = self._init_noise(shape, noise, device, generator)
-        for i in _progress(range(self.num_timesteps - 1, -1, -1), progress, "DDIM"):
+        for i in _progress(range(self.num_timesteps - 1, -1, -1), progress, method.upper()):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
             with torch.no_grad():
-                out = self.ddim_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, generator)
+                out = step(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                           model_kwargs=model_kwargs, generator=generator)
             yield out
             x = out["sample"]
 
-    def ddim_sample_loop(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
-                         clip_denoised: bool = True, denoised_fn: Callable | None = None, cond_fn: CondFn | None = None,
-                         model_kwargs: dict | None = None, device: Any = None, progress: bool = False,
-                         eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM sampling over this process's steps (respace with "ddimN" for the DDIM paper's schedule): [shape]."""
-        final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                       model_kwargs, device, progress, eta, generator):
-            pass
-        return final["sample"]
+    def p_sample_loop_progressive(self, model: Model, shape: tuple[int, ...], **kwargs: Any
+                                  ) -> Iterator[dict[str, torch.Tensor]]:
+        """sample_loop_progressive(model, shape, method="ddpm", **kwargs): p_sample's dict after every step."""
+        return self.sample_loop_progressive(model, shape, method="ddpm", **kwargs)
 
-    def ddim_reverse_sample_loop(self, model: Model, x_start: torch.Tensor, clip_denoised: bool = False,
+    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """Ancestral sampling from x_T ~ N(0, I) (or `noise`) to x_0 [shape]; keyword arguments (noise, clip_denoised,
+        denoised_fn, cond_fn, model_kwargs, device, progress, generator) as in sample_loop_progressive."""
+        return _final_sample(self.sample_loop_progressive(model, shape, method="ddpm", **kwargs))
+
+    def ddim_sample_loop_progressive(self, model: Model, shape: tuple[int, ...], **kwargs: Any
+                                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """sample_loop_progressive(model, shape, method="ddim", **kwargs): ddim_sample's dict after every step."""
+        return self.sample_loop_progressive(model, shape, method="ddim", **kwargs)
+
+    def ddim_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """DDIM sampling over this process's steps to x_0 [shape]; keyword arguments as p_sample_loop plus eta
+        (default 0), see sample_loop_progressive."""
+        return _final_sample(self.sample_loop_progressive(model, shape, method="ddim", **kwargs))
+
+    def ddim_reverse_sample_loop(self, model: Model, x_start: torch.Tensor, *, clip_denoised: bool = False,
                                  denoised_fn: Callable | None = None, model_kwargs: dict | None = None,
                                  progress: bool = False) -> torch.Tensor:
         """DDIM inversion: the x_{T-1} [B,...] that ddim_sample_loop(eta=0, noise=x_{T-1}) maps back to about x_start.
@@ -367,16 +379,18 @@ class GaussianDiffusion:
         for i in _progress(range(self.num_timesteps), progress, "DDIM inversion"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.int64)
             with torch.no_grad():
-                x = self.ddim_reverse_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs)["sample"]
+                x = self.ddim_reverse_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                             model_kwargs=model_kwargs)["sample"]
         return x
 
     # ------------------------------------------------------------------------------------------ losses, bpd
-    def vb_terms_bpd(self, model: Model, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+    def vb_terms_bpd(self, model: Model, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
                      clip_denoised: bool = True, model_kwargs: dict | None = None,
                      model_output: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_t in bits/dim [B]: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, -log p(x_0|x_1) at t = 0
         (x_start must lie on the 256-level grid of [-1, 1]). Returns dict output [B], pred_xstart [B,...]."""
-        out = self.p_mean_variance(model, x_t, t, clip_denoised, None, model_kwargs, model_output)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                   model_output=model_output)
         return {"output": self._vb_from_dist(x_start, x_t, t, out), "pred_xstart": out["pred_xstart"]}
 
     def _vb_from_dist(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, out: dict) -> torch.Tensor:
@@ -392,9 +406,9 @@ class GaussianDiffusion:
         nll_full = torch.zeros_like(kl).index_put((idx,), nll * NATS_TO_BITS)
         return torch.where(first, nll_full, kl)
 
-    def training_losses(self, model: Model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None,
-                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None
-                        ) -> dict[str, torch.Tensor]:
+    def training_losses(self, model: Model, x_start: torch.Tensor, t: torch.Tensor, *,
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses [B] for x_start [B,C,...] in [-1,1] at timesteps t [B] (indices of this process).
 
         mse: mean over dims of (target - prediction)^2, target = noise (epsilon) or x_0 (xstart).
@@ -404,7 +418,7 @@ class GaussianDiffusion:
         """
         self._check_t(t, x_start)  # the one range check (a device sync) of the step
         if noise is None:
-            noise = randn(tuple(x_start.shape), x_start.device, x_start.dtype, generator)
+            noise = randn(tuple(x_start.shape), device=x_start.device, dtype=x_start.dtype, generator=generator)
         elif noise.shape != x_start.shape:
             raise ValueError(f"shape mismatch: noise {tuple(noise.shape)} vs x_start {tuple(x_start.shape)}")
         x_t = self._q_sample(x_start, t, noise)
@@ -413,12 +427,14 @@ class GaussianDiffusion:
         xc = x_t.to(mean_out.dtype)
         T = self.num_timesteps
         if self.loss_type == "vlb":
-            vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, False, None))
+            vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, clip_denoised=False))
         elif self.loss_type == "hybrid":  # stop-gradient on the mean part
-            vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out.detach(), var_out, xc, t, False, None))
+            dist = self._output_to_dist(mean_out.detach(), var_out, xc, t, clip_denoised=False)
+            vb = self._vb_from_dist(x_start, xc, t, dist)
         else:
             with torch.no_grad():
-                vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, False, None))
+                dist = self._output_to_dist(mean_out, var_out, xc, t, clip_denoised=False)
+                vb = self._vb_from_dist(x_start, xc, t, dist)
         target = noise if self.model_mean_type == "epsilon" else x_start
         mse = mean_flat((target.to(mean_out.dtype) - mean_out) ** 2)
         if self.loss_type == "simple":
@@ -435,7 +451,7 @@ class GaussianDiffusion:
         mean, _, log_var = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) * NATS_TO_BITS
 
-    def calc_bpd_loop(self, model: Model, x_start: torch.Tensor, clip_denoised: bool = True,
+    def calc_bpd_loop(self, model: Model, x_start: torch.Tensor, *, clip_denoised: bool = True,
                       model_kwargs: dict | None = None, progress: bool = False,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The full variational bound in bits/dim for x_start [B,...] on the 256-level grid of [-1,1].
@@ -446,10 +462,10 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         for i in _progress(range(T - 1, -1, -1), progress, "bpd"):
             t = torch.full((B,), i, device=x_start.device, dtype=torch.int64)
-            noise = randn(tuple(x_start.shape), x_start.device, x_start.dtype, generator)
-            x_t = self.q_sample(x_start, t, noise)
+            noise = randn(tuple(x_start.shape), device=x_start.device, dtype=x_start.dtype, generator=generator)
+            x_t = self.q_sample(x_start, t, noise=noise)
             with torch.no_grad():
-                out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
+                out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
             xs = x_start.to(out["pred_xstart"].dtype)
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - xs) ** 2))

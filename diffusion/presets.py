@@ -1,10 +1,8 @@
 """Named model sizes: the Improved-DDPM scaling models at 64 px and tiny models for tests and the demo.
 
-    python -m diffusion.presets [NAME ...]
-
-prints, per preset, the parameter count, the forward GFLOPs per image (torch.utils.flop_counter, one
-multiply-add = 2 FLOPs) and the activation memory per image with and without gradient checkpointing.
-Everything is measured on the meta device: shapes only, nothing is allocated.
+count_params and forward_flops (torch.utils.flop_counter on the meta device, one multiply-add = 2 FLOPs) size
+the compute-matched scaling sweep. The activation-memory profiler and the table of all presets live in
+benchmarks/model_profile.py (`python -m benchmarks.model_profile [NAME ...]`).
 
 The paper's scaling models (Nichol & Dhariwal 2021, ImageNet 64x64, class-conditional, learned sigma,
 3 residual blocks per level, channel_mult 1,2,3,4, attention at 16 and 8 px) are matched to within 0.1% of
@@ -16,18 +14,13 @@ with resblock up/down they overshoot by about 7%.)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from .unet import UNetBlock, UNetModel
+from .unet import UNetModel
 
 
 @dataclass(frozen=True)
@@ -117,10 +110,14 @@ def create_model_from_config(d: dict[str, Any] | ModelConfig) -> UNetModel:
 
 
 def count_params(model: torch.nn.Module) -> int:
+    """Number of parameter elements (shared parameters once)."""
     return sum(p.numel() for p in model.parameters())
 
 
-def _inputs(cfg: ModelConfig, batch: int, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+def dummy_inputs(cfg: ModelConfig, batch: int, device: str | torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Zero inputs for one forward: x [batch, in_channels, S, S] float32, t [batch] and y [batch] int64 (None
+    for an unconditional model), on `device` ("meta" for shape-only analysis)."""
     s = cfg.image_size
     x = torch.zeros(batch, cfg.in_channels, s, s, device=device)
     t = torch.zeros(batch, dtype=torch.long, device=device)
@@ -134,128 +131,7 @@ def forward_flops(cfg: ModelConfig, batch: int = 1) -> int:
 
     with torch.device("meta"):
         model = cfg.replace(use_checkpoint=False).build()
-    x, t, y = _inputs(cfg, batch, "meta")
+    x, t, y = dummy_inputs(cfg, batch, "meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x, t, y)
     return fc.get_total_flops()
-
-
-class _FusedAttentionOnMeta(TorchFunctionMode):
-    """On meta, SDPA takes the math path, which saves the [B, heads, L, L] attention weights; real CPU and GPU
-    runs take a fused kernel that saves only q, k, v, the output and the log-sum-exp. Route meta calls to the
-    fused CPU kernel's op (it has a meta implementation) so that the analysis sees what a real run saves."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not kwargs and len(args) == 3 and args[0].is_meta:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args)[0]
-        return func(*args, **kwargs)
-
-
-def _saved_tensor_tally(cfg: ModelConfig, batch: int, device: str = "meta") -> dict[str, int]:
-    """Bytes of the tensors autograd saves in one training forward of `batch` images (on meta by default).
-
-    Tensors are deduplicated by storage and parameters are excluded. Bytes are split into: block inputs
-    (the activations entering each UNetBlock, which checkpointing keeps), per-block internals (which
-    checkpointing discards and recomputes one block at a time in the backward pass) and the rest.
-    """
-    with torch.device(device):
-        model = cfg.replace(use_checkpoint=False).build().train()
-    x, t, y = _inputs(cfg, batch, device)
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    keep: list[torch.Tensor] = []  # hold every tensor looked at, so that no storage address is recycled
-    seen: set[int] = set()
-    inputs: dict[int, int] = {}
-    per_block: dict[int, int] = defaultdict(int)
-    tally = {"outside": 0, "saved_inputs": 0}
-    current: list[int | None] = [None]
-
-    def key(t: torch.Tensor) -> int:
-        return t.untyped_storage()._cdata
-
-    def pre(mod: torch.nn.Module, args: tuple) -> None:
-        current[0] = id(mod)
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dim() == 4:
-                keep.append(a)
-                inputs.setdefault(key(a), a.untyped_storage().nbytes())
-
-    def post(mod: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-        current[0] = None
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        k = key(t)
-        if k in params or k in seen:
-            return t
-        keep.append(t)
-        seen.add(k)
-        n = t.untyped_storage().nbytes()
-        if k in inputs:
-            tally["saved_inputs"] += n
-        elif current[0] is None:
-            tally["outside"] += n
-        else:
-            per_block[current[0]] += n
-        return t
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, UNetBlock):
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionOnMeta():
-        model(x, t, y)
-    for h in hooks:
-        h.remove()
-    tally["inputs"] = sum(inputs.values())
-    tally["blocks_sum"] = sum(per_block.values())
-    tally["blocks_max"] = max(per_block.values(), default=0)
-    return tally
-
-
-def activation_bytes(cfg: ModelConfig) -> tuple[int, int]:
-    """Activation memory per image (bytes, fp32) kept for the backward pass: (without, with checkpointing).
-
-    Without: every saved tensor. With (non-reentrant checkpoint per UNetBlock): the tensors saved outside the
-    blocks, plus every block's input (held by the checkpoint), plus the largest single block's internals
-    (alive while that block is recomputed in the backward pass). Per image = tally(batch 2) - tally(batch 1),
-    which removes the batch-independent part (the embedding tables' inputs etc.).
-    """
-    def totals(b: int) -> tuple[int, int]:
-        s = _saved_tensor_tally(cfg, b)
-        return (s["outside"] + s["saved_inputs"] + s["blocks_sum"],
-                s["outside"] + s["inputs"] + s["blocks_max"])
-
-    (a1, c1), (a2, c2) = totals(1), totals(2)
-    return a2 - a1, c2 - c1
-
-
-def describe(name: str) -> dict[str, Any]:
-    cfg = get_config(name)
-    with torch.device("meta"):
-        n = count_params(cfg.build())
-    no_ckpt, ckpt = activation_bytes(cfg)
-    return {"name": name, "params": n, "gflops": forward_flops(cfg) / 1e9, "act_mib": no_ckpt / 2**20,
-            "act_ckpt_mib": ckpt / 2**20, "image_size": cfg.image_size}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffusion.presets", description=(
-        "Print parameters, forward GFLOPs per image and activation memory per image (fp32, without / with "
-        "gradient checkpointing) of the model presets, measured on the meta device (nothing is allocated)."))
-    ap.add_argument("names", nargs="*", metavar="NAME", help=f"preset(s) to describe (default: all of {', '.join(PRESETS)})")
-    args = ap.parse_args(argv)
-    for n in args.names:
-        if n not in PRESETS:
-            print(f"error: unknown model preset {n!r}; allowed: {', '.join(PRESETS)}", file=sys.stderr)
-            return 2
-    print(f"{'preset':>7} {'px':>4} {'params':>14} {'paper':>7} {'GFLOPs/img':>11} {'act MiB/img':>12} {'ckpt MiB/img':>13}")
-    for n in args.names or list(PRESETS):
-        d = describe(n)
-        paper = f"{PAPER_PARAMS_M[n]:.1f}M" if n in PAPER_PARAMS_M else "-"
-        print(f"{n:>7} {d['image_size']:>4} {d['params']:>14,} {paper:>7} {d['gflops']:>11.2f} "
-              f"{d['act_mib']:>12.1f} {d['act_ckpt_mib']:>13.1f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -69,15 +69,15 @@ def test_classifier_guidance_ddpm_mean_shift_and_ddim_eps_shift():
     t = torch.tensor([4, 7])
     pm = D.p_mean_variance(model, x, t, clip_denoised=False)
     # DDPM: mean + Sigma * grad, same noise
-    a = D.p_sample(model, x, t, False, cond_fn=cond_fn, generator=torch.Generator().manual_seed(1))["sample"]
-    b = D.p_sample(model, x, t, False, generator=torch.Generator().manual_seed(1))["sample"]
+    a = D.p_sample(model, x, t, clip_denoised=False, cond_fn=cond_fn, generator=torch.Generator().manual_seed(1))["sample"]
+    b = D.p_sample(model, x, t, clip_denoised=False, generator=torch.Generator().manual_seed(1))["sample"]
     torch.testing.assert_close(a - b, pm["variance"] * grad)
     # DDIM: eps - sqrt(1 - abar_t) * grad, then the usual eta = 0 step
     ab = torch.tensor(D.alphas_cumprod)[t].reshape(-1, 1, 1, 1)
     abp = torch.tensor(D.alphas_cumprod_prev)[t].reshape(-1, 1, 1, 1)
     eps = out[:, :1] - torch.sqrt(1 - ab) * grad
     x0 = (x - torch.sqrt(1 - ab) * eps) / torch.sqrt(ab)
-    c = D.ddim_sample(model, x, t, False, cond_fn=cond_fn)["sample"]
+    c = D.ddim_sample(model, x, t, clip_denoised=False, cond_fn=cond_fn)["sample"]
     torch.testing.assert_close(c, torch.sqrt(abp) * x0 + torch.sqrt(1 - abp) * eps)
     # respaced: cond_fn also gets the original timesteps
     S = create_diffusion(steps=100, timestep_respacing="ddim10")

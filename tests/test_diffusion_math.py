@@ -221,6 +221,9 @@ def test_prior_bpd_and_calc_bpd_loop():
     (lambda D, x: D.training_losses(lambda x, t: x, x, torch.tensor([0, 1])), "shape mismatch: model output"),
     (lambda D, x: D.p_sample_loop(lambda x, t: x, (2, 2), noise=torch.zeros(3, 2)), "shape mismatch: noise"),
     (lambda D, x: D.q_posterior_mean_variance(x, x[:1], torch.tensor([0])), "shape mismatch: x_start"),
+    (lambda D, x: next(D.sample_loop_progressive(lambda x, t: x, (2, 2), method="euler")), "unknown sampling method"),
+    (lambda D, x: D.p_sample_loop(lambda x, t: x, (2, 2), eta=0.5), "eta=0.5 is a DDIM setting"),
+    (lambda D, x: D.ddim_sample_loop(lambda x, t: x, (2, 2), eta=-1.0), "eta must be >= 0"),
 ])
 def test_bad_inputs(call, match):
     D = create_diffusion(steps=10)
@@ -240,6 +243,6 @@ def test_low_precision_inputs_compute_in_float32():
     low = D.training_losses(lambda x, t, **kw: out.bfloat16(), x0, t, noise=noise)
     assert all(v.dtype == torch.float32 for v in low.values())
     torch.testing.assert_close(low["loss"], ref["loss"], rtol=3e-2, atol=3e-2)
-    xt = D.q_sample(x0.bfloat16(), t, noise.bfloat16())
+    xt = D.q_sample(x0.bfloat16(), t, noise=noise.bfloat16())
     assert xt.dtype == torch.bfloat16
-    torch.testing.assert_close(xt.float(), D.q_sample(x0, t, noise), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(xt.float(), D.q_sample(x0, t, noise=noise), rtol=1e-2, atol=1e-2)

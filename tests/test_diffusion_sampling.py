@@ -37,6 +37,29 @@ def test_ddim_eta0_is_deterministic_and_generator_reproducible():
         assert torch.equal(x1, x2) and not torch.allclose(x1, x3)
 
 
+def test_named_loops_are_the_one_sampling_loop_and_keyword_only():
+    D = create_diffusion(steps=12, timestep_respacing="6")
+    model = lambda x, t, **kw: torch.cat([0.3 * x, torch.tanh(x)], 1)
+    noise = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    for method, loop, progressive, kw in [("ddpm", D.p_sample_loop, D.p_sample_loop_progressive, {}),
+                                          ("ddim", D.ddim_sample_loop, D.ddim_sample_loop_progressive, {"eta": 0.7})]:
+        run = lambda f, **k: f(model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(3), **kw, **k)
+        steps = list(run(D.sample_loop_progressive, method=method))
+        assert len(steps) == 6
+        assert all(torch.equal(a["sample"], b["sample"]) for a, b in zip(steps, run(progressive), strict=True))
+        assert torch.equal(run(loop), steps[-1]["sample"])
+        with pytest.raises(TypeError):
+            loop(model, noise.shape, noise)
+    x, t = noise.double(), torch.tensor([5, 2])
+    for step in (D.p_sample, D.ddim_sample, D.ddim_reverse_sample, D.p_mean_variance):
+        with pytest.raises(TypeError):
+            step(model, x, t, False)
+    with pytest.raises(TypeError):
+        D.training_losses(model, x, t, None)
+    with pytest.raises(TypeError):
+        D.calc_bpd_loop(model, x, False)
+
+
 def test_ddim_inversion_round_trips():
     # exact for a model whose output does not depend on x_t (each inversion step is then the sampling step's inverse)
     D = create_diffusion(steps=30, learn_sigma=False, timestep_respacing="ddim10")

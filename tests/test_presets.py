@@ -1,18 +1,24 @@
 """Model presets: parameter counts of the paper's scaling models, shapes, config round trip, overrides, the
-meta-device FLOP and activation-memory analysis, and the CLI."""
+meta-device FLOP count, and the activation-memory profiler and its CLI (benchmarks.model_profile)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from diffusion import presets
-from diffusion.presets import (PAPER_PARAMS_M, PRESETS, ModelConfig, activation_bytes, count_params, create_model,
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # benchmarks/ is not an installed package; `python -m pytest` from ROOT has it already
+    sys.path.insert(0, ROOT)
+
+from benchmarks import model_profile  # noqa: E402
+from benchmarks.model_profile import activation_bytes, saved_tensor_tally  # noqa: E402
+from diffusion.presets import (PAPER_PARAMS_M, PRESETS, ModelConfig, count_params, create_model,  # noqa: E402
                                create_model_from_config, forward_flops, get_config)
-from diffusion.unet import AttentionBlock, Upsample
+from diffusion.unet import AttentionBlock, Upsample  # noqa: E402
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP threads spin against other processes
 
@@ -124,13 +130,13 @@ def test_flop_counter_matches_closed_form() -> None:
 
 def test_activation_memory_analysis() -> None:
     cfg = get_config("tiny16")
-    meta = presets._saved_tensor_tally(cfg, 2, "meta")
-    cpu = presets._saved_tensor_tally(cfg, 2, "cpu")
+    meta = saved_tensor_tally(cfg, 2, "meta")
+    cpu = saved_tensor_tally(cfg, 2, "cpu")
     assert meta == cpu  # the meta-device analysis sees exactly what a real forward saves
     no_ckpt, ckpt = activation_bytes(cfg)
     assert 0 < ckpt < no_ckpt
     # per image is linear in the batch: batch 3 - batch 2 gives the same per-image figure
-    s2, s3 = presets._saved_tensor_tally(cfg, 2), presets._saved_tensor_tally(cfg, 3)
+    s2, s3 = saved_tensor_tally(cfg, 2), saved_tensor_tally(cfg, 3)
     tot = lambda s: s["outside"] + s["saved_inputs"] + s["blocks_sum"]  # noqa: E731
     assert tot(s3) - tot(s2) == no_ckpt
     # the output activation alone (fp32 [6, 16, 16] per image) is far below the total
@@ -140,11 +146,12 @@ def test_activation_memory_analysis() -> None:
 
 
 def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    assert presets.main(["tiny16"]) == 0
+    assert model_profile.main(["tiny16"]) == 0
     out = capsys.readouterr().out
     assert "tiny16" in out and f"{count_params(create_model('tiny16')):,}" in out
-    assert presets.main(["nope"]) == 2
+    assert model_profile.main(["nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "allowed: 30M" in err[0]
-    r = subprocess.run([sys.executable, "-m", "diffusion.presets", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.model_profile", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0 and "meta device" in r.stdout
