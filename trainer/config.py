@@ -1,282 +1,333 @@
-"""One configuration object per training job: `TrainConfig`, built from recipe < config file < CLI flags.
+"""One configuration object per training job: `TrainConfig`, nested sections built from
+defaults < recipe < config file < flags, saved as `config.json` next to every checkpoint and read back on resume
+(settings marked frozen must not change: they change the model, the mathematics or the data order).
 
-Saved as JSON next to every checkpoint and read back on resume, so a run is never resumed with other
-diffusion settings than it started with (flags that would change the model or the mathematics are refused).
+`python -m trainer.main --help` shows every setting, grouped by section, with its default, unit and allowed values.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.errors import UsageError
+from data.cli import ArgumentParser, UsageError
+from trainer import configlib
+from trainer.configlib import option
+
+
+def _presets() -> list[str]:
+    from diffusion.presets import PRESETS
+    return list(PRESETS)
+
+
+def _schedules() -> tuple[str, ...]:
+    from diffusion import SCHEDULES
+    return SCHEDULES
+
+
+def _losses() -> tuple[str, ...]:
+    from diffusion import LOSS_TYPES
+    return LOSS_TYPES
+
+
+def _objectives() -> list[str]:
+    from trainer.objective import OBJECTIVES, load_builtin_objectives
+    load_builtin_objectives()
+    return list(OBJECTIVES)
+
+
+@dataclass
+class RunSection:
+    run_dir: str = option("", "output folder: checkpoints/, tb/, samples/, config.json (required)")
+    seed: int = option(0, "seed of the initial weights, noise, timesteps and data order", frozen=True)
+    recipe: str = ""  # the --recipe the run started from (recorded in config.json; not a setting of its own)
+
+
+@dataclass
+class DataSection:
+    source: str = option("", "training shards: manifest path, brace pattern or comma list (required)", flag="--data")
+    workers: int = option(0, "data loader worker processes per rank", lower=0)
+    flip: bool = option(True, "random horizontal flips")
+    max_bad_fraction: float = option(0.01, "stop when more than this fraction of samples is unreadable",
+                                     lower=0.0, upper=1.0)
+
+
+@dataclass
+class ModelSection:
+    size: str = option("tiny16", "UNet preset of diffusion.presets", choices=_presets, frozen=True,
+                       flag="--model-size")
+    image_size: int | None = option(None, "override the preset's image side", unit="px", lower=1, frozen=True)
+    num_classes: int | None = option(None, "override the preset's classes (0 = unconditional)", lower=0,
+                                     frozen=True)
+    dropout: float | None = option(None, "override the preset's dropout", lower=0.0, upper=1.0, upper_open=True)
+    grad_checkpoint: bool = option(False, "gradient (activation) checkpointing inside the UNet")
+
+
+@dataclass
+class DiffusionSection:
+    steps: int = option(4000, "diffusion steps T", lower=1, frozen=True, flag="--diffusion-steps")
+    noise_schedule: str = option("cosine", "beta schedule", choices=_schedules, frozen=True)
+    loss: str = option("hybrid", "training loss (hybrid = L_simple + vlb_weight * L_vlb)", choices=_losses,
+                       frozen=True)
+    vlb_weight: float = option(0.001, "lambda of the hybrid loss", lower=0.0, frozen=True)
+    learn_sigma: bool = option(True, "learn the reverse-process variance (output 2C channels)", frozen=True)
+
+
+@dataclass
+class ObjectiveSection:
+    name: str = option("iddpm", lambda: f"what is trained: {', '.join(_objectives())}, or package.module:Class",
+                       frozen=True, flag="--objective", metavar="NAME")
+    sampler_sync: str = option("torch", "all-gather of the objective's synced state (e.g. the loss-aware "
+                               "sampler's losses) over torch.distributed (NCCL/gloo) or MPI",
+                               choices=lambda: ("torch", "mpi"))
+    options: Any = None  # the objective's own Options instance (its settings live under objective.NAME)
+
+
+@dataclass
+class OptimSection:
+    total_steps: int = option(1000, "optimizer steps to train", lower=1)
+    global_batch: int = option(128, "images per optimizer step, all ranks together", lower=1, frozen=True)
+    micro_batch: int | None = option(None, "images per forward per rank (accumulation derived); none = "
+                                     "global batch / ranks", lower=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", lower=0.0, lower_open=True)
+    warmup_steps: int = option(0, "linear learning-rate warm-up from 0", unit="steps", lower=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", lower=0.0)
+    grad_clip: float = option(1.0, "max global gradient norm (0 = off)", lower=0.0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", metavar="B1,B2")
+    precision: str = option("fp32", "training precision (fp16: CUDA only, dynamic loss scaling)",
+                            choices=lambda: ("fp32", "bf16", "fp16"))
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage", choices=lambda: (0, 1, 2, 3))
+    ema: str = option("0.9999", "comma-separated EMA rates kept in fp32", frozen=True, metavar="RATES")
+    deepspeed_config: str = option("", "DeepSpeed JSON merged over the generated config", metavar="FILE")
+    nonfinite_patience: int = option(20, "consecutive non-finite-loss steps before stopping", unit="steps",
+                                     lower=1)
+
+
+@dataclass
+class CheckpointSection:
+    save_every: int = option(1000, "checkpoint interval", unit="steps", lower=1)
+    keep: int = option(3, "checkpoints kept (the newest)", lower=1)
+    slurm_requeue: str = option("off", "`scontrol requeue` after a preemption signal (auto: when the job has "
+                                "Requeue=1)", choices=lambda: ("auto", "on", "off"))
+
+
+@dataclass
+class LogSection:
+    log_every: int = option(50, "TensorBoard and console interval", unit="steps", lower=1)
+    sample_every: int = option(0, "EMA preview grid interval (0 = at the end only)", unit="steps", lower=0)
+    sample_grid: int = option(0, "images in the grid (0 = 8 per class for <= 10 classes, else 64)", lower=0)
+    sample_respacing: str = option("50", "respaced DDPM steps of the preview grid")
+    sample_guidance: float = option(0.0, "classifier-free guidance scale of the grid (0 = off)", lower=0.0)
 
 
 @dataclass
 class TrainConfig:
-    # where
-    data: str = ""                      # shard brace pattern, list (comma separated) or manifest path
-    run_dir: str = ""                   # checkpoints/, tb/, samples/ and config.json go here
-    # model (a diffusion.presets name plus overrides; None = the preset's own value)
-    model_size: str = "tiny16"
-    image_size: int | None = None
-    num_classes: int | None = None      # 0 = unconditional
-    dropout: float | None = None
-    grad_checkpoint: bool = False       # activation checkpointing inside the UNet (use_checkpoint)
-    # diffusion (create_diffusion kwargs)
-    diffusion_steps: int = 4000
-    noise_schedule: str = "cosine"
-    loss: str = "hybrid"                # simple | hybrid | vlb
-    vlb_weight: float = 0.001
-    learn_sigma: bool = True
-    timestep_sampler: str = "uniform"   # uniform | loss-second-moment
-    sampler_sync: str = "torch"         # torch (NCCL/gloo all-gather) | mpi (mpi4py Allgather)
-    label_dropout: float = 0.0          # probability of the null label (classifier-free guidance training)
-    # optimisation
-    total_steps: int = 1000
-    global_batch: int = 128             # images per optimizer step, all ranks together
-    micro_batch: int | None = None      # images per forward per rank; None = global_batch / world
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0              # max global gradient norm; 0 = off
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (fp16: CUDA only, dynamic loss scaling)
-    zero_stage: int = 0
-    ema: str = "0.9999"                 # comma-separated EMA rates kept in fp32
-    seed: int = 0
-    deepspeed_config: str = ""          # user JSON merged over the generated DeepSpeed config
-    # data
-    data_workers: int = 0
-    flip: bool = True
-    max_bad_fraction: float = 0.01
-    # monitoring and checkpoints
-    log_every: int = 50
-    save_every: int = 1000
-    keep: int = 3                       # checkpoints kept (the newest K)
-    sample_every: int = 0               # EMA sample grid to TensorBoard every N steps; 0 = only at the end
-    sample_grid: int = 0                # images in the grid; 0 = one row per class (<= 10) x 8, or 64
-    sample_respacing: str = "50"        # respaced DDPM steps for the grid
-    sample_guidance: float = 0.0        # classifier-free guidance scale for the grid (0 = off)
-    nonfinite_patience: int = 20        # consecutive non-finite steps before stopping
-    slurm_requeue: str = "off"          # on | off | auto (auto: when the job has Requeue=1): `scontrol requeue` after a preemption signal
-    recipe: str = ""
-    debug_hang_after_step: int = 0      # tests only: block after this step's checkpoint (to be killed)
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
 
-    # ------------------------------------------------------------------ derived
     def ema_rates(self) -> list[str]:
-        return [r.strip() for r in self.ema.split(",") if r.strip()]
-
-    def diffusion_kwargs(self) -> dict[str, Any]:
-        return dict(steps=self.diffusion_steps, noise_schedule=self.noise_schedule, learn_sigma=self.learn_sigma,
-                    loss=self.loss, vlb_weight=self.vlb_weight)
-
-    def model_overrides(self) -> dict[str, Any]:
-        o: dict[str, Any] = {"learn_sigma": self.learn_sigma, "use_checkpoint": self.grad_checkpoint}
-        for k in ("image_size", "num_classes", "dropout"):
-            if getattr(self, k) is not None:
-                o[k] = getattr(self, k)
-        return o
+        return [r.strip() for r in self.optim.ema.split(",") if r.strip()]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
+        """The nested config as JSON (`config.json`); the objective's options sit under objective.NAME."""
+        d = configlib.to_dict(self)
+        opts = d["objective"].pop("options")
+        if opts:
+            d["objective"][self.objective.name] = opts
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UsageError(f"unknown configuration key(s) {', '.join(unknown)}")
-        d = dict(d)
-        if "adam_betas" in d:
-            d["adam_betas"] = tuple(float(b) for b in d["adam_betas"])
-        return cls(**d)
+
+TITLES = {"run": "run", "data": "data", "model": "model (a diffusion.presets UNet plus overrides)",
+          "diffusion": "diffusion process", "objective": "objective", "optim": "optimisation (DeepSpeed)",
+          "checkpoint": "checkpoints and preemption", "log": "logging and preview grids"}
 
 
 # Recipes of the paper's ImageNet-64 runs (Nichol & Dhariwal 2021; flags of the improved-diffusion README):
 # cosine schedule, T=4000, learned sigmas, Adam lr 1e-4 at batch 128; the class-conditional model compared
 # against BigGAN-deep uses 192 channels (our 270M) at lr 3e-4, batch 2048. EMA 0.9999 throughout.
-_IN64 = dict(image_size=64, diffusion_steps=4000, noise_schedule="cosine", learn_sigma=True, ema="0.9999",
-             lr=1e-4, global_batch=128, weight_decay=0.0, save_every=10_000, log_every=100, sample_every=10_000)
+def _in64(size: str, classes: int, loss: str, steps: int, **optim: Any) -> dict[str, Any]:
+    return {"model": {"size": size, "image_size": 64, "num_classes": classes},
+            "diffusion": {"steps": 4000, "noise_schedule": "cosine", "learn_sigma": True, "loss": loss},
+            "optim": {"ema": "0.9999", "lr": 1e-4, "global_batch": 128, "weight_decay": 0.0, "total_steps": steps,
+                      **optim},
+            "checkpoint": {"save_every": 10_000}, "log": {"log_every": 100, "sample_every": 10_000}}
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     # L_hybrid, uniform t, unconditional, 120M (128 channels, 3 res blocks), 1.5M steps
-    "imagenet64-hybrid": dict(_IN64, model_size="120M", num_classes=0, loss="hybrid", total_steps=1_500_000),
+    "imagenet64-hybrid": _in64("120M", 0, "hybrid", 1_500_000),
     # L_vlb with the loss-aware (second-moment) importance sampler
-    "imagenet64-vlb": dict(_IN64, model_size="120M", num_classes=0, loss="vlb",
-                           timestep_sampler="loss-second-moment", total_steps=1_500_000),
+    "imagenet64-vlb": configlib.merge(_in64("120M", 0, "vlb", 1_500_000),
+                                      {"objective": {"iddpm": {"timestep_sampler": "loss-second-moment"}}}),
     # class-conditional, 192 channels, lr 3e-4, batch 2048 (the BigGAN-deep comparison)
-    "imagenet64-cond": dict(_IN64, model_size="270M", num_classes=1000, loss="hybrid", lr=3e-4,
-                            global_batch=2048, precision="bf16", zero_stage=2),
+    "imagenet64-cond": _in64("270M", 1000, "hybrid", 1_500_000, lr=3e-4, global_batch=2048, precision="bf16",
+                             zero_stage=2),
+    # the `make demo` recipe: 16 px digits, tiny UNet, CFG label dropout, loss-aware sampler
+    "digits-demo": {
+        "model": {"size": "tiny16", "image_size": 16, "num_classes": 10},
+        "diffusion": {"steps": 1000, "noise_schedule": "cosine", "loss": "hybrid"},
+        "objective": {"iddpm": {"timestep_sampler": "loss-second-moment", "label_dropout": 0.1}},
+        "optim": {"global_batch": 64, "lr": 1e-3, "warmup_steps": 100, "ema": "0.995", "total_steps": 600,
+                  "grad_clip": 1.0},
+        "data": {"flip": False}, "checkpoint": {"save_every": 200},
+        "log": {"log_every": 50, "sample_every": 0, "sample_respacing": "50", "sample_guidance": 2.0}},
 }
 for _size in ("30M", "70M", "120M", "270M"):  # the model-size sweep (hybrid loss, batch 128)
-    RECIPES[f"imagenet64-scale-{_size}"] = dict(_IN64, model_size=_size, num_classes=0, loss="hybrid",
-                                                total_steps=250_000)
-# the `make demo` recipe: 16 px digits, tiny UNet, CFG label dropout, loss-aware sampler
-RECIPES["digits-demo"] = dict(model_size="tiny16", image_size=16, num_classes=10, diffusion_steps=1000,
-                              noise_schedule="cosine", loss="hybrid", timestep_sampler="loss-second-moment",
-                              label_dropout=0.1, global_batch=64, lr=1e-3, warmup_steps=100, ema="0.995",
-                              total_steps=600, log_every=50, save_every=200, sample_every=0,
-                              sample_respacing="50", sample_guidance=2.0, grad_clip=1.0, flip=False)
+    RECIPES[f"imagenet64-scale-{_size}"] = _in64(_size, 0, "hybrid", 250_000)
 
 
-# ------------------------------------------------------------------------------------- CLI parsing
+# ------------------------------------------------------------------------------------- parsing
 
 
-def _bool(s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+def _objective_name(argv: list[str] | None, cfile: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """--objective from the flags, else the config file, else the recipe, else the default."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--objective")
+    given = pre.parse_known_args(argv)[0].objective
+    for src in (cfile, recipe):
+        given = given or (src.get("objective") or {}).get("name")
+    return given or ObjectiveSection.name
 
 
-def _opt_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "") else int(s)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        from trainer.errors import die
-        die(message, self.prog)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="trainer.main", description="Train Improved DDPM with DeepSpeed (any launcher). "
-                "Precedence: defaults < --recipe < --config FILE < flags. Re-running the same command resumes "
-                "from RUN_DIR/checkpoints/latest. Exit codes: 0 done, 2 bad input, 3 non-finite loss, "
-                "75 preempted (state saved; re-run to resume).", argument_default=argparse.SUPPRESS)
-    a = p.add_argument
-    a("--recipe", help=f"named recipe: {', '.join(RECIPES)}")
-    a("--config", help="JSON file of TrainConfig keys (e.g. the config.json of an earlier run)")
-    a("--data", help="training shards: brace pattern, comma list, or manifest path")
-    a("--run-dir", help="output folder (checkpoints/, tb/, samples/)")
-    a("--model-size", help="diffusion.presets name: 30M, 70M, 120M, 270M, tiny16, tiny32")
-    a("--image-size", type=_opt_int)
-    a("--num-classes", type=_opt_int, help="classes for conditioning (0 = unconditional)")
-    a("--dropout", type=float)
-    a("--grad-checkpoint", type=_bool, metavar="BOOL", help="gradient (activation) checkpointing")
-    a("--diffusion-steps", type=int)
-    a("--noise-schedule", choices=["linear", "cosine"])
-    a("--loss", choices=["simple", "hybrid", "vlb"])
-    a("--vlb-weight", type=float)
-    a("--learn-sigma", type=_bool, metavar="BOOL")
-    a("--timestep-sampler", choices=["uniform", "loss-second-moment"])
-    a("--sampler-sync", choices=["torch", "mpi"], help="all-gather of (t, loss) over torch.distributed or MPI")
-    a("--label-dropout", type=float, help="probability of the null label, for classifier-free guidance")
-    a("--total-steps", type=int)
-    a("--global-batch", type=int, help="images per optimizer step over all ranks")
-    a("--micro-batch", type=_opt_int, help="images per forward per rank (accumulation is derived)")
-    a("--lr", type=float)
-    a("--warmup-steps", type=int, help="linear learning-rate warm-up from 0")
-    a("--weight-decay", type=float)
-    a("--grad-clip", type=float, help="max gradient norm, 0 = off")
-    a("--precision", choices=["fp32", "bf16", "fp16"])
-    a("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    a("--ema", help="comma-separated EMA rates, e.g. 0.9999,0.9995")
-    a("--seed", type=int)
-    a("--deepspeed-config", help="DeepSpeed JSON merged over the generated one")
-    a("--data-workers", type=int)
-    a("--flip", type=_bool, metavar="BOOL")
-    a("--max-bad-fraction", type=float)
-    a("--log-every", type=int)
-    a("--save-every", type=int)
-    a("--keep", type=int, help="checkpoints to keep")
-    a("--sample-every", type=int, help="EMA sample grid every N steps (0 = at the end only)")
-    a("--sample-grid", type=int)
-    a("--sample-respacing")
-    a("--sample-guidance", type=float)
-    a("--nonfinite-patience", type=int)
-    a("--slurm-requeue", choices=["auto", "on", "off"])
-    a("--debug-hang-after-step", type=int, help=argparse.SUPPRESS)
-    a("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)  # deepspeed launcher
+def build_parser(objective_options: dict[str, type] | None = None) -> ArgumentParser:
+    """The generated CLI: one group per section, plus one per objective that has options."""
+    from trainer.objective import OBJECTIVES, load_builtin_objectives
+    load_builtin_objectives()
+    p = ArgumentParser(prog="trainer.main", description=(
+        "Train a diffusion objective with DeepSpeed (any launcher). Precedence: defaults < --recipe < --config FILE "
+        "< flags. Re-running the same command resumes from RUN_DIR/checkpoints/latest. Exit codes: 0 done, "
+        "2 bad input, 3 non-finite loss, 75 preempted (state saved; re-run to resume)."))
+    p.add_argument("--recipe", metavar="NAME", help=f"named recipe: {', '.join(RECIPES)}")
+    p.add_argument("--config", metavar="FILE", help="JSON config (e.g. RUN_DIR/config.json of an earlier run)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    seen: dict[str, str] = {}
+    configlib.add_flags(p, TrainConfig, TITLES, seen=seen)
+    options = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None}
+    options.update(objective_options or {})
+    for name, cls in options.items():
+        configlib.add_flags(p, cls, {f"objective.{name}": f"objective {name}"}, f"objective.{name}", seen)
+    p._objective_options = options  # type: ignore[attr-defined]
     return p
 
 
-def _load_json(path: str, what: str) -> dict[str, Any]:
+def load_json(path: str, what: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} does not exist")
     try:
         with open(path) as f:
             d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{what} {path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise UsageError(f"{what} {path} must hold a JSON object")
     return d
 
 
+def config_from_dict(d: dict[str, Any], where: str = "") -> TrainConfig:
+    """Nested dict -> validated TrainConfig, the objective's options included."""
+    from trainer.objective import get_objective
+    d = json.loads(json.dumps(d))  # a deep copy
+    obj = d.get("objective") or {}
+    name = obj.get("name", ObjectiveSection.name)
+    cls = get_objective(name) if isinstance(name, str) else None
+    opts = {k: obj.pop(k) for k in list(obj) if k not in ("name", "sampler_sync")}
+    cfg = configlib.from_dict(TrainConfig, d, where)
+    own = opts.pop(name, {}) if isinstance(name, str) else {}
+    if opts:
+        raise UsageError(f"{where + ': ' if where else ''}settings of objective {sorted(opts)[0]!r} given, but the "
+                         f"objective is {name!r}")
+    if cls is not None and cls.Options is not None:
+        cfg.objective.options = configlib.from_dict(cls.Options, own, where, f"objective.{name}")
+    elif own:
+        raise UsageError(f"objective {name!r} has no settings, got objective.{name}.{sorted(own)[0]}")
+    return cfg
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags (+ recipe + config file) -> validated TrainConfig (world-size checks happen later)."""
-    ns = vars(build_parser().parse_args(argv))
-    ns.pop("local_rank", None)
-    merged: dict[str, Any] = {}
-    recipe = ns.pop("recipe", None)
-    if recipe:
-        if recipe not in RECIPES:
-            raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        merged.update(RECIPES[recipe], recipe=recipe)
-    cfile = ns.pop("config", None)
-    if cfile:
-        merged.update(_load_json(cfile, "--config"))
-    merged.update(ns)
-    cfg = TrainConfig.from_dict(merged)
+    from trainer.objective import get_objective
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--config")
+    known = pre.parse_known_args(argv)[0]
+    recipe = {}
+    if known.recipe:
+        if known.recipe not in RECIPES:
+            raise UsageError(f"unknown recipe {known.recipe!r}; choose one of {', '.join(RECIPES)}")
+        recipe = configlib.merge(json.loads(json.dumps(RECIPES[known.recipe])), {"run": {"recipe": known.recipe}})
+    cfile = load_json(known.config, "--config") if known.config else {}
+    name = _objective_name(argv, cfile, recipe)
+    cls = get_objective(name)
+    parser = build_parser({name: cls.Options} if cls.Options is not None else None)
+    ns = parser.parse_args(argv)
+    flags = configlib.flags_to_dict(ns, TrainConfig)
+    for oname, ocls in parser._objective_options.items():  # type: ignore[attr-defined]
+        configlib.merge(flags, configlib.flags_to_dict(ns, ocls, f"objective.{oname}"))
+    merged = configlib.merge(configlib.merge(recipe, cfile), flags)
+    cfg = config_from_dict(merged)
     validate(cfg)
     return cfg
 
 
 def validate(c: TrainConfig) -> None:
-    """Checks that need no process group; raise UsageError with one line."""
-    if not c.data:
-        raise UsageError("--data is required (shard pattern, list or manifest), e.g. --data 'shards/train-{000000..000003}.tar'")
-    if not c.run_dir:
-        raise UsageError("--run-dir is required (output folder)")
-    for k in ("total_steps", "global_batch", "log_every", "save_every", "keep", "diffusion_steps", "nonfinite_patience"):
-        if getattr(c, k) <= 0:
-            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(c, k)}")
-    if c.micro_batch is not None and c.micro_batch <= 0:
-        raise UsageError(f"--micro-batch must be positive, got {c.micro_batch}")
-    if not 0.0 <= c.label_dropout < 1.0:
-        raise UsageError(f"--label-dropout must be in [0, 1), got {c.label_dropout}")
-    if c.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {c.lr}")
-    if c.warmup_steps < 0 or c.weight_decay < 0 or c.grad_clip < 0 or c.sample_every < 0:
-        raise UsageError("--warmup-steps, --weight-decay, --grad-clip and --sample-every must be >= 0")
+    """Checks across fields that need no process group; raise UsageError with one line."""
+    if not c.data.source:
+        raise UsageError("data.source (--data) is required (shard pattern, list or manifest), e.g. "
+                         "--data 'shards/train-{000000..000003}.tar'")
+    if not c.run.run_dir:
+        raise UsageError("run.run_dir (--run-dir) is required (output folder)")
     rates = c.ema_rates()
     try:
         if any(not 0.0 < float(r) < 1.0 for r in rates):
             raise ValueError
     except ValueError:
-        raise UsageError(f"--ema {c.ema!r}: give comma-separated rates in (0, 1), e.g. 0.9999,0.9995") from None
+        raise UsageError(f"optim.ema (--ema) {c.optim.ema!r}: give comma-separated rates in (0, 1), "
+                         f"e.g. 0.9999,0.9995") from None
     if len(set(float(r) for r in rates)) != len(rates):
-        raise UsageError(f"--ema {c.ema!r}: rates repeat")
-    if c.precision == "fp16":
+        raise UsageError(f"optim.ema (--ema) {c.optim.ema!r}: rates repeat")
+    if c.optim.precision == "fp16":
         import torch
         if not torch.cuda.is_available():
-            raise UsageError("--precision fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling has no CPU path); "
-                             "use --precision bf16 or fp32 on CPU")
-    if c.deepspeed_config and not os.path.isfile(c.deepspeed_config):
-        raise UsageError(f"--deepspeed-config {c.deepspeed_config} does not exist")
-    from diffusion.presets import PRESETS
-    if c.model_size not in PRESETS:
-        raise UsageError(f"unknown --model-size {c.model_size!r}; choose one of {', '.join(PRESETS)}")
+            raise UsageError("optim.precision (--precision) fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling "
+                             "has no CPU path); use --precision bf16 or fp32 on CPU")
+    if c.optim.deepspeed_config and not os.path.isfile(c.optim.deepspeed_config):
+        raise UsageError(f"optim.deepspeed_config (--deepspeed-config) {c.optim.deepspeed_config} does not exist")
+
+
+def frozen_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Flags of frozen settings that differ between a saved config.json and `cfg` (objective options included)."""
+    from trainer.objective import get_objective
+    new = cfg.to_dict()
+    changed = configlib.frozen_changes(TrainConfig, saved, new)
+    opts = get_objective(cfg.objective.name).Options
+    if opts is not None and not changed:
+        name = cfg.objective.name
+        changed = configlib.frozen_changes(opts, saved["objective"].get(name, {}), new["objective"].get(name, {}))
+    return changed
+
+
+# ------------------------------------------------------------------------------------- derived
 
 
 def batch_layout(c: TrainConfig, world: int) -> tuple[int, int]:
     """-> (micro_batch per rank, gradient accumulation steps) with global = micro * accum * world."""
-    if c.global_batch % world:
-        raise UsageError(f"--global-batch {c.global_batch} is not divisible by the {world} ranks; "
+    gb = c.optim.global_batch
+    if gb % world:
+        raise UsageError(f"optim.global_batch (--global-batch) {gb} is not divisible by the {world} ranks; "
                          f"use a multiple of {world}")
-    per_rank = c.global_batch // world
-    micro = c.micro_batch or per_rank
+    per_rank = gb // world
+    micro = c.optim.micro_batch or per_rank
     if per_rank % micro:
-        raise UsageError(f"--global-batch {c.global_batch} over {world} ranks gives {per_rank} per rank, "
-                         f"not a multiple of --micro-batch {micro}; pick micro-batch dividing {per_rank}")
+        raise UsageError(f"--global-batch {gb} over {world} ranks gives {per_rank} per rank, not a multiple of "
+                         f"--micro-batch {micro}; pick a micro-batch dividing {per_rank}")
     return micro, per_rank // micro
 
 
@@ -285,49 +336,35 @@ def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> 
     if on_gpu is None:
         import torch
         on_gpu = torch.cuda.is_available()
+    o = c.optim
     micro, accum = batch_layout(c, world)
     ds: dict[str, Any] = {
-        "train_batch_size": c.global_batch,
+        "train_batch_size": o.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        # on CPU, torch's fused AdamW (3.4x faster than its default per-tensor loop for 30M parameters on one
-        # thread; DeepSpeed's CPU FusedAdam is a JIT-compiled op); on GPU, DeepSpeed's FusedAdam
-        "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "betas": list(c.adam_betas), "eps": 1e-8,
-                                                  "weight_decay": c.weight_decay,
+        # on CPU, torch's fused AdamW (3.4x faster than its per-tensor loop for 30M parameters on one thread;
+        # DeepSpeed's CPU FusedAdam is a JIT-compiled op); on GPU, DeepSpeed's FusedAdam
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.adam_betas), "eps": 1e-8,
+                                                  "weight_decay": o.weight_decay,
                                                   **({} if on_gpu else {"torch_adam": True, "fused": True})}},
-        "gradient_clipping": c.grad_clip,
-        "zero_optimization": {"stage": c.zero_stage},
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": o.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     # ZeRO-3 keeps DeepSpeed's default stage3_param_persistence_threshold (1e5 elements): smaller parameters stay
-    # whole on every rank. 30M: 80 of 451 tensors, 88% of the weights, are partitioned; 270M: 99.8%. Tests set it
-    # to 0 through --deepspeed-config to partition everything in tiny models.
-    if not on_gpu and c.zero_stage in (1, 2):
+    # whole on every rank (30M: 80 of 451 tensors, 88% of the weights, are partitioned; 270M: 99.8%).
+    if not on_gpu and o.zero_stage in (1, 2):
         # gloo on CPU: one plain all-reduce of the gradient bucket instead of DeepSpeed's reduce-scatter and
-        # multi-rank bucket paths (measured 2026-12-01, 30M fp32, 2 ranks x 1 thread: about 5% more images/s);
-        # no contiguous gradient buffer: it is one more copy of every gradient in backward, and it exists to avoid
-        # GPU memory fragmentation (30M fp32, 1 rank: backward 1.28 instead of 1.33 s)
+        # multi-rank bucket paths, and no contiguous gradient buffer (one more copy of every gradient in backward,
+        # there to avoid GPU memory fragmentation); figures in docs/trainer.md
         ds["zero_optimization"].update({"reduce_scatter": False, "use_multi_rank_bucket_allreduce": False,
                                         "contiguous_gradients": False})
-    if c.precision == "bf16":
+    if o.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    elif c.precision == "fp16":
+    elif o.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
-    if c.deepspeed_config:
-        _merge(ds, _load_json(c.deepspeed_config, "--deepspeed-config"))
+    if o.deepspeed_config:
+        configlib.merge(ds, load_json(o.deepspeed_config, "--deepspeed-config"))
     return ds
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-
-
-# settings that must not change when a run is resumed (they change the model or the mathematics)
-FROZEN_ON_RESUME = ("model_size", "image_size", "num_classes", "diffusion_steps", "noise_schedule", "loss",
-                    "vlb_weight", "learn_sigma", "timestep_sampler", "ema", "global_batch", "seed")

@@ -1,0 +1,132 @@
+"""The Improved-DDPM objective (Nichol & Dhariwal 2021): a UNet trained with the simple, hybrid or vlb loss at
+timesteps from a uniform or loss-aware (importance) sampler, with label dropout for classifier-free guidance."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffusion import ClassifierFreeGuidance, create_diffusion, create_timestep_sampler
+from diffusion.presets import PRESETS, create_model_from_config
+from diffusion.timestep_samplers import SAMPLERS
+from trainer.configlib import option
+from trainer.objective import Batch, Net, Objective, register_objective
+
+
+def model_config_dict(cfg: Any) -> dict[str, Any]:
+    """The UNet configuration of a run: its preset with the config's overrides (`diffusion.presets` dict)."""
+    m = cfg.model
+    o: dict[str, Any] = {"learn_sigma": cfg.diffusion.learn_sigma, "use_checkpoint": m.grad_checkpoint}
+    for k in ("image_size", "num_classes", "dropout"):
+        if getattr(m, k) is not None:
+            o[k] = getattr(m, k)
+    if o.get("num_classes") == 0:
+        o["num_classes"] = None
+    return PRESETS[m.size].replace(**o).to_dict()
+
+
+def diffusion_kwargs(cfg: Any) -> dict[str, Any]:
+    """`create_diffusion` keyword arguments of a run."""
+    d = cfg.diffusion
+    return dict(steps=d.steps, noise_schedule=d.noise_schedule, learn_sigma=d.learn_sigma, loss=d.loss,
+                vlb_weight=d.vlb_weight)
+
+
+def grid_labels(num_classes: int, n: int) -> torch.Tensor | None:
+    """Labels of the preview grid: 8 per class for <= 10 classes (one row each), else one each of the first 64
+    classes; `n` > 0 overrides the count (labels cycle through the classes)."""
+    if not num_classes:
+        return None
+    per = 8 if num_classes <= 10 else 1
+    labels = torch.arange(min(num_classes, 10 if num_classes <= 10 else 64)).repeat_interleave(per)
+    if not n:
+        return labels
+    return labels[:n] if n <= len(labels) else torch.arange(n) % num_classes
+
+
+@dataclass
+class IddpmOptions:
+    timestep_sampler: str = option("uniform", "timestep sampler (loss-second-moment: importance sampling of "
+                                   "L_vlb by the loss history)", choices=lambda: SAMPLERS, frozen=True)
+    label_dropout: float = option(0.0, "probability of the null label (classifier-free guidance training)",
+                                  lower=0.0, upper=1.0, upper_open=True)
+
+
+@register_objective("iddpm")
+class ImprovedDDPM(Objective):
+    """x_t = q_sample(x_0, t), t from the timestep sampler; loss = the diffusion's per-sample training loss times
+    the sampler's importance weight. Synced state: the sampler's (t, loss) history."""
+
+    Options = IddpmOptions
+    console = ("mse", "vb")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.model_cfg = model_config_dict(cfg)
+        self.num_classes = self.model_cfg.get("num_classes") or 0
+        self.diffusion_kw = diffusion_kwargs(cfg)
+        self.diffusion = create_diffusion(**self.diffusion_kw)
+        self.sampler = create_timestep_sampler(self.options.timestep_sampler, self.diffusion.num_timesteps)
+        self._rows: list[torch.Tensor] = []
+
+    def build_model(self) -> torch.nn.Module:
+        return create_model_from_config(self.model_cfg)
+
+    def zero3_leaf_modules(self) -> list[type]:
+        from diffusion.unet import UNetBlock  # a residual or resampling block with its attention
+        return [UNetBlock]
+
+    def export_config(self) -> dict[str, Any]:
+        return {"model": self.model_cfg, "diffusion": self.diffusion_kw}
+
+    def loss(self, net: Net, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        t, w = self.sampler.sample(x.shape[0], x.device, generator=generator)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        kw = {}
+        if self.num_classes:
+            if self.options.label_dropout > 0:
+                drop = torch.rand(y.shape, generator=generator, device=x.device) < self.options.label_dropout
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            kw["y"] = y
+        losses = self.diffusion.training_losses(net, x, t, model_kwargs=kw, noise=noise)
+        plain = losses["loss"].detach()
+        self._rows.append(torch.stack([t.detach().double().cpu(), plain.double().cpu()], 1))
+        metrics = {"loss": plain, "mse": losses["mse"].detach(), "vb": losses["vb"].detach()}
+        quartile = (t * 4 // self.diffusion.num_timesteps).clamp(max=3)
+        for q in range(4):  # the loss by quarter of the timestep range (NaN: the sample is in another quarter)
+            metrics[f"loss_q{q}"] = torch.where(quartile == q, plain, torch.full_like(plain, math.nan))
+        return losses["loss"] * w, metrics
+
+    def sync_rows(self) -> torch.Tensor:
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, 2, dtype=torch.float64)
+        self._rows = []
+        return rows
+
+    def apply_synced(self, rows: torch.Tensor) -> None:
+        self.sampler.update_with_all_losses(rows[:, 0].round().long(), rows[:, 1])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sampler.load_state_dict(state)
+
+    def preview(self, model: torch.nn.Module, device: torch.device, seed: int) -> tuple[torch.Tensor, int]:
+        """Respaced DDPM samples at fixed noise and labels (classifier-free guided when asked)."""
+        log = self.cfg.log
+        labels = grid_labels(self.num_classes, log.sample_grid)
+        n = len(labels) if labels is not None else (log.sample_grid or 64)
+        sampler = create_diffusion(**self.diffusion_kw, timestep_respacing=log.sample_respacing)
+        net = ClassifierFreeGuidance(model, log.sample_guidance, self.num_classes) \
+            if log.sample_guidance > 0 and self.num_classes else model
+        g = torch.Generator(device=device).manual_seed(seed)
+        size = self.model_cfg["image_size"]
+        noise = torch.randn(n, self.model_cfg.get("in_channels", 3), size, size, generator=g, device=device)
+        kw = {"y": labels.to(device)} if labels is not None else {}
+        with torch.no_grad():
+            x = sampler.p_sample_loop(net, noise.shape, noise=noise, model_kwargs=kw, device=device, generator=g)
+        ncol = 8 if labels is not None and self.num_classes <= 10 else int(math.ceil(math.sqrt(n)))
+        return x, ncol

@@ -1,0 +1,306 @@
+"""The training loop shared by every objective: DeepSpeed engine, gradient accumulation, EMA, checkpoints and exact
+resume, preemption, non-finite handling, TensorBoard and the console line.
+
+What is trained is the objective's business (`trainer.objective`); this file never looks inside a batch. Per step
+there is ONE collective of our own: an all-gather of the objective's synced rows plus a control row (a preemption
+signal seen, a non-finite loss), so the objective's state stays identical on every rank and all ranks stop together.
+Metrics are reduced with one more all-gather at log time only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import set_z3_leaf_modules
+from torch.utils.tensorboard import SummaryWriter
+
+from data.cli import UsageError
+from data.errors import DataError
+from data.fsio import atomic_write_json
+from data.seeds import derive_seed
+from data.stream import TrainStream
+from trainer import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.checkpoint import Checkpointer, read_json
+from trainer.config import TrainConfig, batch_layout, deepspeed_config, frozen_changes
+from trainer.dist import Launch, init
+from trainer.ema import EMA, local_master_shards, param_shapes
+from trainer.images import save_grid
+from trainer.metrics import MetricSums, reduce_metrics
+from trainer.objective import Objective, get_objective
+from trainer.preemption import Preemption, request_requeue
+from trainer.sync import mpi_all_gather, torch_all_gather
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREVIEW_SEED_OFFSET = 12345  # the preview grid's noise: seed + this, the same at every step and on resume
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class Trainer:
+    """One training run of one objective on this rank. `run()` trains to `optim.total_steps` and returns the
+    exit code (0 done, 3 non-finite loss, 75 preempted)."""
+
+    def __init__(self, cfg: TrainConfig, launch: Launch) -> None:
+        self.cfg, self.rank, self.world, self.launcher = cfg, launch.rank, launch.world, launch.launcher
+        self.micro, self.accum = batch_layout(cfg, self.world)
+        self.ckpt = Checkpointer(cfg.run.run_dir, self.rank, self.world, cfg.checkpoint.keep)
+        self.resume_from = self.ckpt.latest()
+        self._check_resume()
+        self.stream, self.batches = self._open_data()  # a missing data set: one clear line before any process group
+        self.device = init(launch)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.objective: Objective = get_objective(cfg.objective.name)(cfg)
+        self.engine = self._make_engine(self.objective.build_model())
+        if self.resume_from:
+            self.ckpt.load_engine(self.resume_from, self.engine)
+        # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed
+        # re-links its fragments)
+        shards, sharded = local_master_shards(self.engine, self.rank, self.world)
+        self.ema = EMA(cfg.ema_rates(), shards, sharded, param_shapes(self.engine.module), self.device)
+        self.ema.check_coverage()
+        self.step = self.start_step = 0
+        if self.resume_from:
+            self.step = self.start_step = self.ckpt.load_rest(self.resume_from, ema=self.ema, objective=self.objective)
+        self.all_gather = mpi_all_gather() if cfg.objective.sampler_sync == "mpi" else torch_all_gather(self.device)
+        self.dtype = DTYPES[cfg.optim.precision]
+        self.metrics, self.stop = MetricSums(), Preemption()
+        self.writer = self._open_writer() if self.rank == 0 else None
+        self.grad_norm = float("nan")
+        self._reset_timers(time.perf_counter())
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _check_resume(self) -> None:
+        if self.cfg.objective.sampler_sync == "mpi":
+            from mpi4py import MPI
+            if MPI.COMM_WORLD.size != self.world or MPI.COMM_WORLD.rank != self.rank:
+                raise UsageError(f"--sampler-sync mpi needs the ranks started by mpiexec (MPI sees "
+                                 f"{MPI.COMM_WORLD.size} ranks, the job has {self.world}); use --sampler-sync torch")
+        if not self.resume_from:
+            return
+        changed = frozen_changes(read_json(self.resume_from, "config.json"), self.cfg)
+        if changed:
+            raise UsageError(f"{self.cfg.run.run_dir} holds a run with other {', '.join(changed)}; use a new "
+                             f"--run-dir or the same settings (see {self.resume_from}/config.json)")
+        saved_world = read_json(self.resume_from, "meta.json")["world_size"]
+        if saved_world != self.world:
+            raise UsageError(f"{self.resume_from} was saved by {saved_world} ranks, this job has {self.world}; "
+                             f"resume with {saved_world} ranks (the data position is per rank)")
+
+    def _open_data(self) -> tuple[TrainStream, Iterator]:
+        d = self.cfg.data
+        state = self.ckpt.data_state(self.resume_from) if self.resume_from else None
+        try:
+            stream = TrainStream(d.source, self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.run.seed,
+                                 num_workers=d.workers, flip=d.flip, state=state, max_bad_fraction=d.max_bad_fraction)
+            return stream, iter(stream)
+        except DataError as e:
+            raise UsageError(f"--data {d.source}: {e}") from None
+
+    def _make_engine(self, model: torch.nn.Module):
+        cfg = self.cfg
+        if cfg.optim.zero_stage == 3 and self.objective.zero3_leaf_modules():
+            set_z3_leaf_modules(model, self.objective.zero3_leaf_modules(), raise_if_not_found=False)
+        warm = cfg.optim.warmup_steps
+        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))) if warm \
+            else None
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=deepspeed_config(cfg, self.world), lr_scheduler=sched)
+        if self.world == 1 and cfg.optim.zero_stage == 0:
+            engine.enable_backward_allreduce = False  # one rank: DeepSpeed's gradient all-reduce is a flatten + copy
+        return engine
+
+    def _open_writer(self) -> SummaryWriter:
+        cfg, run_dir = self.cfg, self.cfg.run.run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+        w = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=self.step + 1 if self.step else None)
+        w.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", self.step)
+        w.add_text("deepspeed_config", "```\n" + json.dumps(deepspeed_config(cfg, self.world), indent=2) + "\n```",
+                   self.step)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        start = f"resuming at step {self.step} from {self.resume_from}" if self.resume_from else "fresh start"
+        print(f"trainer: {self.launcher} launch, {self.world} rank(s) on {self.device.type}, {cfg.objective.name} "
+              f"objective, {cfg.model.size} ({n_params / 1e6:.2f}M params), global batch {cfg.optim.global_batch} = "
+              f"{self.micro} x {self.accum} accum x {self.world} ranks, {cfg.optim.precision}, ZeRO-"
+              f"{cfg.optim.zero_stage}, {start}; TensorBoard: {os.path.join(cfg.run.run_dir, 'tb')}", flush=True)
+        return w
+
+    def _reset_timers(self, now: float) -> None:
+        self.t_log, self.steps_since_log, self.wait_since_log, self.step_time_since_log = now, 0, 0.0, 0.0
+
+    def net(self, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
+        """The engine as a function: inputs in the engine's dtype, outputs back in fp32."""
+        return self.engine(x.to(self.dtype), t, **kw).float()
+
+    # ------------------------------------------------------------------------------------------ one step
+    def train_step(self) -> tuple[bool, bool]:
+        """One optimizer step over `accum` micro-batches, then the step's one collective and the EMA update.
+        Returns (a preemption signal reached some rank, the loss was non-finite on some rank)."""
+        seed, log_now = self.cfg.run.seed, self._log_due(self.step + 1)
+        torch.manual_seed(derive_seed(seed, self.rank, self.step, 1))  # dropout etc.
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(seed, self.rank, self.step, 0))
+        finite = True
+        for _ in range(self.accum):
+            t_wait = time.perf_counter()
+            x, y = next(self.batches)
+            self.wait += time.perf_counter() - t_wait
+            batch = (x.to(self.device, non_blocking=True), y.to(self.device))
+            loss, metrics = self.objective.loss(self.net, batch, g)  # per-sample [B] and named [B] metrics
+            self.engine.backward(loss.mean())
+            if log_now:
+                self._fp32_grad_norm()
+            self.engine.step()
+            finite &= bool(torch.isfinite(loss.detach()).all())
+            self.metrics.add({"loss": loss.detach(), **metrics})
+        preempted, nonfinite = self._sync(finite)
+        self.ema.update()  # local: this rank's shards of the fp32 masters, no communication
+        self.step += 1
+        return preempted, nonfinite
+
+    def _sync(self, finite: bool) -> tuple[bool, bool]:
+        """The step's one collective: every rank's synced rows plus a control row (preemption signal seen, loss
+        non-finite). A non-finite loss on any rank keeps every rank's objective state unchanged."""
+        rows = self.objective.sync_rows()
+        k = max(2, rows.shape[1])
+        control = torch.zeros(1, k, dtype=torch.float64)
+        control[0, 0], control[0, 1] = float(self.stop.signum != 0), float(not finite)
+        padded = torch.nn.functional.pad(rows.to(torch.float64), (0, k - rows.shape[1]))
+        gathered = self.all_gather(torch.cat([padded, control]), same_size=True).reshape(self.world, -1, k)
+        flags = gathered[:, -1].sum(0)
+        nonfinite = bool(flags[1] > 0)
+        if not nonfinite:
+            self.objective.apply_synced(gathered[:, :-1, :rows.shape[1]].reshape(-1, rows.shape[1]))
+        return bool(flags[0] > 0), nonfinite
+
+    def _fp32_grad_norm(self) -> None:
+        """fp32 ZeRO-0 DeepSpeed does not report the gradient norm: take it at the accumulation boundary (the
+        gradients are already averaged over ranks there)."""
+        e = self.engine
+        if e.is_gradient_accumulation_boundary() and e.get_global_grad_norm() is None \
+                and self.cfg.optim.zero_stage == 0 and self.cfg.optim.precision == "fp32":
+            grads = [p.grad for p in e.module.parameters() if p.grad is not None]
+            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+
+    def _log_due(self, step: int) -> bool:
+        return step % self.cfg.log.log_every == 0 or step == self.cfg.optim.total_steps
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> int:
+        """Train to the last step; the one exit path closes TensorBoard whatever happens."""
+        try:
+            return self._train()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def _train(self) -> int:
+        cfg, nonfinite_run = self.cfg, 0
+        while self.step < cfg.optim.total_steps:
+            t0, self.wait = time.perf_counter(), 0.0
+            preempted, nonfinite = self.train_step()
+            self.steps_since_log += 1
+            self.wait_since_log += self.wait
+            self.step_time_since_log += time.perf_counter() - t0
+            nonfinite_run = nonfinite_run + 1 if nonfinite else 0
+            if nonfinite_run >= cfg.optim.nonfinite_patience:
+                self._say(f"loss non-finite for {nonfinite_run} consecutive steps (up to step {self.step}); "
+                          f"stopping without saving; last good checkpoint: {self.ckpt.latest()}. Lower --lr, use "
+                          f"--precision fp32/bf16 or raise --grad-clip; --nonfinite-patience sets the limit.", True)
+                return EXIT_NONFINITE
+            if self._log_due(self.step):
+                self.log()
+            t_aside = time.perf_counter()  # checkpoints and grids are not training throughput
+            if (self.step % cfg.checkpoint.save_every == 0 or self.step == cfg.optim.total_steps or preempted) \
+                    and nonfinite_run == 0:
+                self.save()
+            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != cfg.optim.total_steps:
+                self.preview()
+            self.t_log += time.perf_counter() - t_aside
+            if preempted:
+                self._say(f"preemption signal received; saved step {self.step}; exiting {EXIT_PREEMPTED} "
+                          f"(re-run the same command to resume)")
+                if self.rank == 0:
+                    request_requeue(cfg.checkpoint.slurm_requeue)
+                return EXIT_PREEMPTED
+        self._final_preview()
+        run_dir = cfg.run.run_dir
+        self._say(f"done, {self.step} steps. Checkpoints: {os.path.join(run_dir, 'checkpoints')}; samples: "
+                  f"{os.path.join(run_dir, 'samples')}; TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
+        return 0
+
+    def _say(self, msg: str, error: bool = False) -> None:
+        if self.rank == 0:
+            print(f"trainer: {msg}", file=sys.stderr if error else sys.stdout, flush=True)
+
+    # ------------------------------------------------------------------------------------------ aside
+    def log(self) -> None:
+        """Collective: reduce the metrics since the last log; rank 0 writes TensorBoard and the console line."""
+        now = time.perf_counter()
+        per_rank = {"images_per_s": self.steps_since_log * self.micro * self.accum / max(now - self.t_log, 1e-9),
+                    "bad_samples": float(getattr(self.stream, "bad_samples", 0)),
+                    "peak_mb": peak_memory_mb(self.device)}
+        means, ranks = reduce_metrics(self.metrics, per_rank, self.all_gather, self.world)
+        if self.writer is not None:
+            e, n = self.engine, self.steps_since_log
+            gn = e.get_global_grad_norm()
+            gn = float(gn) if gn is not None else self.grad_norm
+            scale = getattr(e.optimizer, "cur_scale", getattr(e.optimizer, "loss_scale", 1.0))
+            s = {f"train/{k}": v for k, v in means.items()}
+            s.update({"train/grad_norm": gn, "train/lr": e.get_lr()[0], "train/loss_scale": float(scale or 1.0),
+                      "perf/images_per_s": sum(ranks["images_per_s"]), "perf/step_time_s": self.step_time_since_log / n,
+                      "perf/data_wait_s": self.wait_since_log / n, "data/bad_samples": sum(ranks["bad_samples"]),
+                      "mem/peak_mb_max_rank": max(ranks["peak_mb"])})
+            s.update({f"perf/images_per_s_rank{r}": v for r, v in enumerate(ranks["images_per_s"])})
+            for k, v in s.items():
+                self.writer.add_scalar(k, float(v), self.step)
+            self.writer.flush()
+            extra = "".join(f" {k} {s[f'train/{k}']:.4f}" for k in self.objective.console if f"train/{k}" in s)
+            print(f"step {self.step}/{self.cfg.optim.total_steps} loss {s.get('train/loss', float('nan')):.4f}{extra}"
+                  f" | {s['perf/images_per_s']:.1f} img/s, step {1e3 * s['perf/step_time_s']:.0f} ms, data "
+                  f"{1e3 * s['perf/data_wait_s']:.0f} ms | lr {s['train/lr']:.2e} gnorm {gn:.3f} | mem "
+                  f"{s['mem/peak_mb_max_rank']:.0f} MB", flush=True)
+        self.metrics.reset()
+        self._reset_timers(now)
+
+    def save(self) -> str:
+        """Collective: a checkpoint of every component at the current step."""
+        meta = {"objective": self.cfg.objective.name, **self.objective.export_config(),
+                "ema_rates": self.cfg.ema_rates()}
+        return self.ckpt.save(self.step, engine=self.engine, ema=self.ema, objective=self.objective,
+                              stream=self.stream, config=self.cfg.to_dict(), meta=meta)
+
+    def preview(self) -> None:
+        """Collective: the objective's preview grid from each EMA (assembled on rank 0), PNG and TensorBoard."""
+        weights = {r: self.ema.full_state_dict(r) for r in self.ema.rates}
+        if self.rank == 0:
+            model = self.objective.build_model().to(self.device).eval()
+            buffers = dict(self.engine.module.named_buffers())
+            for r in self.ema.rates:
+                model.load_state_dict({**weights.pop(r), **buffers}, strict=True)
+                out = self.objective.preview(model, self.device, self.cfg.run.seed + PREVIEW_SEED_OFFSET)
+                if out is None:
+                    break
+                path = os.path.join(self.cfg.run.run_dir, "samples", f"ema{r}_step{self.step:08d}.png")
+                self.writer.add_image(f"samples/ema_{r}", save_grid(out[0], path, out[1]), self.step,
+                                      dataformats="HWC")
+            self.writer.flush()
+        dist.barrier()
+
+    def _final_preview(self) -> None:
+        """The last grid, unless this run resumed at its last step and grids exist (rank 0 decides: a collective)."""
+        need = torch.tensor([float(self.step > self.start_step or not self.resume_from or not os.path.exists(
+            os.path.join(self.cfg.run.run_dir, "samples")))], device=self.device)
+        dist.broadcast(need, 0)
+        if need.item() > 0:
+            self.preview()
