@@ -444,7 +444,8 @@ def make_data(a: argparse.Namespace, work: Path, image_size: int, num_classes: i
     out = work / "data"
     py = sys.executable
     if image_size in (16, 32):
-        cmd = [py, "-m", "data.prepare", "digits", "--out", str(out), "--size", str(image_size), "--no-progress", "--overwrite"]
+        cmd = [py, "-m", "data.prepare", "digits", "--out-dir", str(out), "--size", str(image_size), "--no-progress",
+               "--overwrite"]
         manifest_glob = "train-manifest.json"
     else:
         import numpy as np
@@ -453,7 +454,8 @@ def make_data(a: argparse.Namespace, work: Path, image_size: int, num_classes: i
         npz = work / "random.npz"
         np.savez(npz, arr_0=rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
                  arr_1=rng.integers(0, max(num_classes, 1), n).astype(np.int64))
-        cmd = [py, "-m", "data.prepare", "npz", str(npz), "--out", str(out), "--name", "random", "--no-progress", "--overwrite"]
+        cmd = [py, "-m", "data.prepare", "npz", str(npz), "--out-dir", str(out), "--name", "random", "--no-progress",
+               "--overwrite"]
         if num_classes:
             cmd += ["--num-classes", str(num_classes)]
         manifest_glob = "random-manifest.json"

@@ -1,9 +1,9 @@
 """Convert image data sets into tar shards + a manifest (resumable, atomic, parallel).
 
-    python -m data.prepare npz-batches --out DIR --name train Imagenet64_train/train_data_batch_*.npz
-    python -m data.prepare folder --out DIR --name train /imagenet/train --size 64
-    python -m data.prepare npz --out DIR --name ref VIRTUAL_imagenet64_labeled.npz
-    python -m data.prepare digits --out DIR --size 16
+    python -m data.prepare npz-batches --out-dir DIR --name train Imagenet64_train/train_data_batch_*.npz
+    python -m data.prepare folder --out-dir DIR --name train /imagenet/train --size 64
+    python -m data.prepare npz --out-dir DIR --name ref VIRTUAL_imagenet64_labeled.npz
+    python -m data.prepare digits --out-dir DIR --size 16
 
 Writes ``DIR/NAME-000000.tar ...`` (``--shard-size`` samples each, keys = global sample index) and
 ``DIR/NAME-manifest.json`` last, so a manifest means "complete". A shard appears only by an atomic rename, so
@@ -12,9 +12,9 @@ re-running after a crash rewrites only the missing shards; a complete data set i
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -25,10 +25,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .cli import ArgumentParser, fail
+from .cli import ArgumentParser, UsageError, die, flag, run_cli
 from .errors import DataError
-from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, atomic_write_bytes, atomic_write_json, parse_tar,
-                     split_key, write_shard)
+from .fsio import atomic_write_text
+from .seeds import derive_rng
+from .shards import FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, parse_tar, shard_entry, split_key, write_shard
+
+PROG = "python -m data.prepare"
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -45,7 +48,7 @@ def _area_weights(n_in: int, n_out: int) -> np.ndarray:
 def area_resize(arr: np.ndarray, size: int) -> np.ndarray:
     """Exact area (box-filter) resize uint8 [h, w, 3] -> [size, size, 3], computed in float64 and rounded once.
 
-    (PIL's Image.BOX rounds after each of its two passes: +0.5 grey levels of bias on average, measured.)
+    (PIL's Image.BOX rounds after each of its two passes: about +0.5 grey levels of bias on average.)
     """
     h, w = arr.shape[:2]
     out = np.tensordot(_area_weights(h, size), arr.astype(np.float64), axes=(1, 0))  # [size, w, 3]
@@ -136,8 +139,12 @@ def _existing_entry(path: str) -> dict | None:
         return None
     if damage:
         return None
-    return {"path": os.path.basename(path), "samples": len(keys), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return shard_entry(path, data, len(keys))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Manifests and progress files: one-space indented JSON, keys in the order written, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 @dataclass
@@ -171,12 +178,13 @@ def check_out(ds: Dataset, overwrite: bool) -> None:
     """Refuse to touch a complete data set without --overwrite; with it, delete the old one first."""
     os.makedirs(ds.out, exist_ok=True)
     progress = os.path.join(ds.out, f".{ds.name}-progress.json")
-    stale = [f".tmp-{glob.escape(ds.name)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar-*",
-             f".tmp-{glob.escape(ds.name)}{MANIFEST_SUFFIX}-*"]
+    name, shard = glob.escape(ds.name), "[0-9]" * 6 + ".tar"
+    stale = [f".{name}-{shard}.*.tmp", f".{name}{MANIFEST_SUFFIX}.*.tmp",  # data.fsio's temporary names
+             f".tmp-{name}-{shard}-*", f".tmp-{name}{MANIFEST_SUFFIX}-*"]  # those of earlier versions
     for p in (p for pat in stale for p in glob.glob(os.path.join(glob.escape(ds.out), pat))):
         os.unlink(p)  # half-written files of a run that crashed (never visible under a real name)
     if overwrite:
-        for p in glob.glob(os.path.join(glob.escape(ds.out), f"{glob.escape(ds.name)}-" + "[0-9]" * 6 + ".tar")):
+        for p in glob.glob(os.path.join(glob.escape(ds.out), f"{name}-{shard}")):
             os.unlink(p)
         for p in (ds.manifest_path, progress):
             if os.path.exists(p):
@@ -190,7 +198,7 @@ def check_out(ds: Dataset, overwrite: bool) -> None:
             raise DataError(f"{ds.out} holds a partial '{ds.name}' data set made with other settings "
                             f"({progress}): pass --overwrite to start again")
     else:
-        atomic_write_json(progress, ds.settings)
+        _write_json(progress, ds.settings)
 
 
 def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool = True) -> dict:
@@ -229,7 +237,7 @@ def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool
             entries[i] = _existing_entry(ds.shard_path(i))  # type: ignore[assignment]
     shards = [entries[i] for i in range(ds.num_shards)]
     for name, text in ds.extra_files.items():
-        atomic_write_bytes(os.path.join(ds.out, name), text.encode())
+        atomic_write_text(os.path.join(ds.out, name), text)
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "name": ds.name, "encoding": "npy",
         "image_size": list(ds.image_size), "channels": 3, "num_classes": ds.num_classes,
@@ -237,7 +245,7 @@ def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool
         "source": ds.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "skipped": len(skipped), "skipped_examples": skipped[:20], "shards": shards,
     }
-    atomic_write_json(ds.manifest_path, manifest)
+    _write_json(ds.manifest_path, manifest)
     progress_file = os.path.join(ds.out, f".{ds.name}-progress.json")
     if os.path.exists(progress_file):
         os.unlink(progress_file)
@@ -261,7 +269,8 @@ def array_jobs(ds: Dataset, chunks: Iterator[tuple[int, np.ndarray, np.ndarray |
     pend: list[tuple[np.ndarray, np.ndarray | None]] = []  # pieces not yet cut into shards
     start, have = 0, 0  # global index of the first pending sample, pending count
     for first, imgs, labels in chunks:
-        assert first == start + have, "chunks must be contiguous"
+        if first != start + have:
+            raise ValueError(f"chunks must be contiguous: chunk starts at {first}, expected {start + have}")
         pend.append((imgs, labels))
         have += len(imgs)
         while have >= S or (have and start + have == ds.total):
@@ -309,7 +318,7 @@ def _npz_header(path: str, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
         raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
 
 
-def prepare_npz_batches(args) -> list[dict]:
+def prepare_npz_batches(args: argparse.Namespace) -> list[dict]:
     """Downsampled-ImageNet batches: ``data`` uint8 [N, 3*S*S] channel-planar, ``labels`` 1..1000."""
     files = list(args.inputs)
     sizes, side = [], None
@@ -327,7 +336,7 @@ def prepare_npz_batches(args) -> list[dict]:
             raise DataError(f"{f}: images are {s} px but earlier batches are {side} px")
         side = s
         sizes.append(n)
-    ds = Dataset(args.out, args.name, sum(sizes), args.shard_size, (side, side), 1000,
+    ds = Dataset(args.out_dir, args.name, sum(sizes), args.shard_size, (side, side), 1000,
                  "npz-batches: " + ", ".join(os.path.basename(f) for f in files),
                  {"kind": "npz-batches", "inputs": [os.path.abspath(f) for f in files], "shard_size": args.shard_size})
     check_out(ds, args.overwrite)
@@ -352,7 +361,7 @@ def prepare_npz_batches(args) -> list[dict]:
     return [write_dataset(ds, array_jobs(ds, chunks()), args.workers, args.progress)]
 
 
-def prepare_npz(args) -> list[dict]:
+def prepare_npz(args: argparse.Namespace) -> list[dict]:
     """Any npz of uint8 NHWC images (``arr_0``) with optional labels (``arr_1``)."""
     z = _load_npz(args.input)
     if args.images_key not in z.files:
@@ -365,15 +374,16 @@ def prepare_npz(args) -> list[dict]:
     if imgs.shape[3] == 1:
         imgs = np.repeat(imgs, 3, axis=3)
     labels, num_classes = None, 0
-    if args.labels_key in z.files and not args.no_labels:
+    if args.labels_key in z.files and args.labels:
         labels = np.asarray(z[args.labels_key]).reshape(-1)
-        if len(labels) != len(imgs) or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+        if (len(labels) != len(imgs) or not np.issubdtype(labels.dtype, np.integer)
+                or (len(labels) and labels.min() < 0)):
             raise DataError(f"{args.labels_key} must hold {len(imgs)} non-negative integers")
         labels = labels.astype(np.int64)
         num_classes = args.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
         if len(labels) and labels.max() >= num_classes:
             raise DataError(f"labels reach {labels.max()} but --num-classes is {num_classes}")
-    ds = Dataset(args.out, args.name, len(imgs), args.shard_size, imgs.shape[1:3], num_classes,
+    ds = Dataset(args.out_dir, args.name, len(imgs), args.shard_size, imgs.shape[1:3], num_classes,
                  f"npz: {os.path.basename(args.input)}",
                  {"kind": "npz", "input": os.path.abspath(args.input), "shard_size": args.shard_size,
                   "labels": labels is not None})
@@ -381,7 +391,7 @@ def prepare_npz(args) -> list[dict]:
     return [write_dataset(ds, array_jobs(ds, iter([(0, imgs, labels)])), args.workers, args.progress)]
 
 
-def prepare_folder(args) -> list[dict]:
+def prepare_folder(args: argparse.Namespace) -> list[dict]:
     """ImageNet-style tree ROOT/CLASS/*.JPEG -> centre crop + area resize; class index = sorted folder order."""
     root = args.root
     if not os.path.isdir(root):
@@ -400,10 +410,10 @@ def prepare_folder(args) -> list[dict]:
         raise DataError(f"no image files under {root}")
     order = np.arange(len(files))
     if args.shuffle_seed >= 0:  # mix classes across shards: a training block of a few shards sees many classes
-        order = np.random.default_rng(args.shuffle_seed).permutation(len(files))
+        order = derive_rng(args.shuffle_seed).permutation(len(files))
     files = [files[i] for i in order]
     labels_arr = np.asarray(labels, np.int64)[order]
-    ds = Dataset(args.out, args.name, len(files), args.shard_size, (args.size, args.size), len(classes),
+    ds = Dataset(args.out_dir, args.name, len(files), args.shard_size, (args.size, args.size), len(classes),
                  f"folder: {os.path.abspath(root)} ({args.resize})",
                  {"kind": "folder", "root": os.path.abspath(root), "shard_size": args.shard_size, "size": args.size,
                   "resize": args.resize, "shuffle_seed": args.shuffle_seed, "files": len(files)},
@@ -419,22 +429,22 @@ def prepare_folder(args) -> list[dict]:
     return [write_dataset(ds, jobs, args.workers, args.progress)]
 
 
-def prepare_digits(args) -> list[dict]:
+def prepare_digits(args: argparse.Namespace) -> list[dict]:
     """The bundled demo data: 1,797 real 8x8 digits, upscaled, split into ``train`` and ``val``."""
     imgs, labels = digits_images(args.size)
-    perm = np.random.default_rng(args.seed).permutation(len(imgs))
+    perm = derive_rng(args.seed).permutation(len(imgs))
     n_val = int(round(args.val_fraction * len(imgs)))
     splits = {"train": perm[n_val:], "val": perm[:n_val]}
     out = []
     dss = []
     for name, idx in splits.items():
-        ds = Dataset(args.out, name, len(idx), args.shard_size, (args.size, args.size), 10,
+        ds = Dataset(args.out_dir, name, len(idx), args.shard_size, (args.size, args.size), 10,
                      f"scikit-learn digits, bicubic 8->{args.size} px, split seed {args.seed}",
                      {"kind": "digits", "size": args.size, "seed": args.seed, "val_fraction": args.val_fraction,
                       "shard_size": args.shard_size}, class_names=[str(d) for d in range(10)])
         dss.append(ds)
     if not args.overwrite and all(os.path.exists(ds.manifest_path) for ds in dss):
-        raise DataError(f"digits data set in {args.out} is complete: pass --overwrite to rebuild it")
+        raise DataError(f"digits data set in {args.out_dir} is complete: pass --overwrite to rebuild it")
     for ds, idx in zip(dss, splits.values()):
         if os.path.exists(ds.manifest_path) and not args.overwrite:
             continue  # this split finished earlier
@@ -444,20 +454,24 @@ def prepare_digits(args) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+RUNNERS: dict[str, Callable[..., list[dict]]] = {"npz-batches": prepare_npz_batches, "npz": prepare_npz,
+                                                 "folder": prepare_folder, "digits": prepare_digits}
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="kind", metavar="{npz-batches,folder,npz,digits}", parser_class=ArgumentParser)
     sub.required = True
 
     def common(q: ArgumentParser, name: bool = True) -> None:
-        q.add_argument("--out", required=True, help="output folder (created)")
+        q.add_argument("--out-dir", required=True, help="output folder (created)")
         if name:
             q.add_argument("--name", default="train", help="data set name: NAME-000000.tar, NAME-manifest.json")
         q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="writer processes (0: in this process)")
-        q.add_argument("--overwrite", action="store_true", help="delete and rebuild a complete data set")
-        q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        flag(q, "--overwrite", False, "delete and rebuild a complete data set")
+        flag(q, "--progress", True, "progress bar on stderr")
 
     q = sub.add_parser("npz-batches", help="Downsampled-ImageNet .npz batches (data N x 3*S*S, labels 1..1000)")
     q.add_argument("inputs", nargs="+", help="batch files, e.g. train_data_batch_{1..10}.npz or val_data.npz")
@@ -474,43 +488,50 @@ def build_parser() -> ArgumentParser:
     q.add_argument("input")
     q.add_argument("--images-key", default="arr_0")
     q.add_argument("--labels-key", default="arr_1")
-    q.add_argument("--no-labels", action="store_true", help="ignore labels even if present")
+    flag(q, "--labels", True, "keep the labels array if present (--no-labels: an unlabelled data set)")
     q.add_argument("--num-classes", type=int, default=0, help="number of classes (default: max label + 1)")
     common(q)
     q = sub.add_parser("digits", help="scikit-learn 8x8 digits upscaled; writes 'train' and 'val'")
-    q.add_argument("--size", type=int, default=16, help="output side in pixels (16 or 32)")
+    q.add_argument("--size", type=int, default=16, help="output side in pixels (8, 16, 32 or 64)")
     q.add_argument("--val-fraction", type=float, default=0.2)
     q.add_argument("--seed", type=int, default=0, help="train/val split seed")
     common(q, name=False)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError (one line naming the flag) for values argparse cannot check by type alone."""
     if args.shard_size < 1:
-        fail(f"--shard-size must be >= 1, got {args.shard_size}")
+        raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.workers < 0:
-        fail(f"--workers must be >= 0, got {args.workers}")
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if getattr(args, "size", 1) < 1 or (args.kind == "digits" and args.size not in (8, 16, 32, 64)):
-        fail(f"--size must be positive (digits: 8, 16, 32 or 64), got {args.size}")
+        raise UsageError(f"--size must be positive (digits: 8, 16, 32 or 64), got {args.size}")
     if args.kind == "digits" and not 0 < args.val_fraction < 1:
-        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if getattr(args, "name", "x") and not all(c.isalnum() or c in "-_." for c in getattr(args, "name", "x")):
-        fail(f"--name may hold only letters, digits, '-', '_' and '.', got {args.name!r}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out} is a file; give a folder")
-    run = {"npz-batches": prepare_npz_batches, "npz": prepare_npz, "folder": prepare_folder,
-           "digits": prepare_digits}[args.kind]
+        raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    name = getattr(args, "name", "x")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise UsageError(f"--name may hold only letters, digits, '-', '_' and '.', got {name!r}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     try:
-        manifests = run(args)
-    except DataError as e:
-        fail(f"data.prepare: {e}")
+        manifests = RUNNERS[args.kind](args)
     except OSError as e:  # disk full, permissions: not a usage error
-        fail(f"data.prepare: {type(e).__name__}: {e}", code=1)
+        die(f"{type(e).__name__}: {e}", PROG, code=1)
     for m in manifests:
-        print(f"{os.path.join(args.out, m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
+        print(f"{os.path.join(args.out_dir, m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
               f"{len(m['shards'])} shards, {m['image_size'][0]}x{m['image_size'][1]}, {m['num_classes']} classes")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: bad input is one line on stderr and exit code 2; an OSError while writing, exit code 1."""
+    return run_cli(_main, PROG, argv)
 
 
 if __name__ == "__main__":

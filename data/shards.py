@@ -17,15 +17,14 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any
 
 import blobfile as bf
 import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .fsio import atomic_write_bytes
 
 FORMAT = "iddpm-shards"
 FORMAT_VERSION = 1
@@ -52,40 +51,6 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-# -------------------------------------------------------------------------------------------- atomic I/O
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def tar_bytes(keys: list[str], images: np.ndarray, labels: np.ndarray | None) -> bytes:
     """A deterministic ustar archive of ``KEY.npy`` (+ ``KEY.cls``) members. images: uint8 [N, H, W, 3]."""
     out = io.BytesIO()
@@ -106,7 +71,12 @@ def write_shard(path: str, keys: list[str], images: np.ndarray, labels: np.ndarr
     """Atomically write one shard; returns its manifest entry ``{path, samples, bytes, sha256}``."""
     data = tar_bytes(keys, images, labels)
     atomic_write_bytes(path, data)
-    return {"path": os.path.basename(path), "samples": len(keys), "bytes": len(data),
+    return shard_entry(path, data, len(keys))
+
+
+def shard_entry(path: str, data: bytes, samples: int) -> dict:
+    """The manifest entry of the shard at ``path`` holding ``data``: ``{path (base name), samples, bytes, sha256}``."""
+    return {"path": os.path.basename(path), "samples": samples, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -226,6 +196,53 @@ def _decode_other(ext: str, payload: bytes) -> np.ndarray:
     return arr
 
 
+def _group(members: list[tuple[str, int, int]]) -> list[dict[str, tuple[int, int]]]:
+    """Tar members -> samples (runs of members sharing a key), each ``{ext: (offset, size)}``."""
+    samples: list[dict[str, tuple[int, int]]] = []
+    cur_key = None
+    for name, off, size in members:
+        key, ext = split_key(name)
+        if key != cur_key:
+            cur_key = key
+            samples.append({})
+        samples[-1][ext] = (off, size)
+    return samples
+
+
+def _image(buf: bytes, sample: dict[str, tuple[int, int]], shape: tuple[int, int] | None,
+           hdr: bytes) -> tuple[np.ndarray | None, str | None]:
+    """One sample's image, uint8 [H, W, 3], or (None, why not). ``hdr``: the ``.npy`` header of a (*shape, 3)
+    image; a member with exactly that header and size is a zero-copy view of ``buf`` (the fast path)."""
+    npy = sample.get("npy")
+    if npy is not None and shape and npy[1] == len(hdr) + shape[0] * shape[1] * 3 and buf.startswith(hdr, npy[0]):
+        return np.frombuffer(buf, np.uint8, npy[1] - len(hdr), npy[0] + len(hdr)).reshape(*shape, 3), None
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return None, "no image member"
+    off, size = sample[ext]
+    try:
+        arr = _decode_other(ext, buf[off:off + size])
+        if arr.ndim != 3 or arr.shape[2] != 3 or (shape and arr.shape[:2] != tuple(shape)):
+            raise ValueError(f"image of shape {arr.shape}, expected {(*shape, 3) if shape else 'H x W x 3'}")
+    except Exception as e:
+        return None, f"undecodable {ext} ({str(e)[:80]})"
+    return arr, None
+
+
+def _label(buf: bytes, sample: dict[str, tuple[int, int]], num_classes: int | None) -> tuple[int, str | None]:
+    """One sample's class index from its ``.cls`` member, or (-1 or the bad label, why it is bad)."""
+    cls = sample.get("cls")
+    if cls is None:
+        return -1, "missing label"
+    try:
+        label = int(buf[cls[0]:cls[0] + cls[1]])
+    except ValueError:
+        return -1, "unparseable label"
+    if label < 0 or (num_classes and label >= num_classes):
+        return label, f"label {label} out of range [0, {num_classes or 'inf'})"
+    return label, None
+
+
 def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | None,
                num_classes: int | None, expected: int | None = None) -> ShardData:
     """Decode one shard, skipping and counting bad samples instead of raising.
@@ -243,60 +260,25 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
         kind = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
         return ShardData(path, [], no_pos, no_pos, seen=lost, bad=lost, problems=[f"{path}: {kind}"])
     problems: list[str] = []
-    samples: list[dict[str, tuple[int, int]]] = []  # per sample: ext -> (offset, size)
-    cur_key, cur = None, {}
     members, damage = parse_tar(buf)
     if damage:
         problems.append(f"{path}: {damage}")  # an incomplete last sample shows up as missing image or label
-    for name, off, size in members:
-        key, ext = split_key(name)
-        if key != cur_key:
-            cur_key, cur = key, {}
-            samples.append(cur)
-        cur[ext] = (off, size)
+    samples = _group(members)
     hdr = npy_header((*shape, 3)) if shape else b""
-    nbytes = len(hdr) + (shape[0] * shape[1] * 3 if shape else 0)
     imgs: list[np.ndarray] = []
     labels: list[int] = []
     positions: list[int] = []
     bad = 0
     for pos, sample in enumerate(samples):
-        why, img, label = None, None, -1
-        npy = sample.get("npy")
-        if npy is not None and shape and npy[1] == nbytes and buf.startswith(hdr, npy[0]):  # the fast path
-            img = np.frombuffer(buf, np.uint8, nbytes - len(hdr), npy[0] + len(hdr)).reshape(*shape, 3)
-        else:
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if ext is None:
-                why = "no image member"
-            else:
-                off, size = sample[ext]
-                try:
-                    arr = _decode_other(ext, buf[off:off + size])
-                    if arr.ndim != 3 or arr.shape[2] != 3 or (shape and arr.shape[:2] != tuple(shape)):
-                        raise ValueError(f"image of shape {arr.shape}, expected {(*shape, 3) if shape else 'H x W x 3'}")
-                    if not shape:
-                        shape = arr.shape[:2]
-                        hdr = npy_header(arr.shape)
-                        nbytes = len(hdr) + arr.size
-                    img = arr
-                except Exception as e:
-                    why = f"undecodable {ext} ({str(e)[:80]})"
-        if why is None:
+        img, why = _image(buf, sample, shape, hdr)
+        label = -1
+        if img is not None:
+            if not shape:  # the first good image fixes the shape of the rest
+                shape, hdr = img.shape[:2], npy_header(img.shape)
             if labelled is None:
                 labelled = "cls" in sample
             if labelled:
-                cls = sample.get("cls")
-                if cls is None:
-                    why = "missing label"
-                else:
-                    try:
-                        label = int(buf[cls[0]:cls[0] + cls[1]])
-                    except ValueError:
-                        why = "unparseable label"
-                    else:
-                        if label < 0 or (num_classes and label >= num_classes):
-                            why = f"label {label} out of range [0, {num_classes or 'inf'})"
+                label, why = _label(buf, sample, num_classes)
         if why is not None:
             bad += 1
             if len(problems) < 4:
@@ -338,9 +320,12 @@ def load_manifest(path: str) -> dict:
         raise DataError(f"cannot read manifest {path}: {e}") from None
     try:
         m = json.loads(text)
-        assert m.get("format") == FORMAT and isinstance(m["shards"], list)
-    except Exception:
-        raise DataError(f"{path} is not a {FORMAT} manifest (written by python -m data.prepare)") from None
+    except ValueError:
+        m = None
+    if not (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("shards"), list)
+            and all(isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("samples"), int)
+                    for s in m["shards"])):
+        raise DataError(f"{path} is not a {FORMAT} manifest (written by python -m data.prepare)")
     base = bf.dirname(path) if is_url(path) else os.path.dirname(os.path.abspath(path))
     for s in m["shards"]:
         p = s["path"]

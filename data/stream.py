@@ -3,7 +3,7 @@
 Training (TrainStream): each rank runs ``max(num_workers, 1)`` logical workers. Logical worker w of rank r
 reads an infinite sequence of blocks; block b draws ``shards_per_block`` shards with replacement (weighted by
 their sample counts when a manifest gives them) and a permutation + flip bits of the block's good samples, all
-from ``np.random.default_rng([seed, r, w, b])``. Worker w makes batches w, w+W, w+2W, ... of the rank's
+from ``data.seeds.derive_rng(seed, r, w, b)``. Worker w makes batches w, w+W, w+2W, ... of the rank's
 stream, which is also the order in which torch's DataLoader hands worker batches back. So the stream is a
 pure function of (seed, rank, num_workers, position), and ``state_dict()`` (each worker's block and offset,
 plus counters) resumes it exactly, mid-block included: the block is re-drawn and re-read, nothing replayed.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .seeds import derive_rng
 from .shards import ShardData, count_samples, read_shard
 from .sources import Source, SourceLike, resolve
 
@@ -89,7 +90,8 @@ class _BadData:
     def check(self) -> None:
         if self.seen and self.bad / self.seen > self.max_bad_fraction:
             items = list(self.shards.items())
-            named = "; ".join(f"{p}" for _, p in items[:5]) + (f"; and {len(items) - 5} more shards" if len(items) > 5 else "")
+            more = f"; and {len(items) - 5} more shards" if len(items) > 5 else ""
+            named = "; ".join(p for _, p in items[:5]) + more
             raise DataError(f"too much bad data: {self.bad} of {self.seen} samples ({100 * self.bad / self.seen:.2f}%) "
                             f"exceed max_bad_fraction={self.max_bad_fraction}: {named}")
 
@@ -156,7 +158,7 @@ class _TrainWorker:
 
     def _load(self) -> None:
         """Read block ``self.block``: shards, permutation and flip bits from rng(seed, rank, worker, block)."""
-        rng = np.random.default_rng([*self.key, self.block])
+        rng = derive_rng(*self.key, self.block)
         picks = rng.choice(len(self.spec.urls), size=self.K, replace=True, p=self.p)
         shards = [self.spec.read(int(i)) for i in picks]
         self.before = (self.stats.bad, self.stats.seen)
@@ -350,8 +352,8 @@ class _EvalDataset(torch.utils.data.IterableDataset):
                 while len(imgs) >= self.B or (imgs and last):
                     k = min(self.B, len(imgs))
                     lab, ix = np.concatenate(labs), np.concatenate(ids)
-                    yield to_float(imgs[:k], shared=info is not None), torch.from_numpy(lab[:k]), torch.from_numpy(ix[:k]), w, \
-                        (stats.bad, stats.seen)
+                    x = to_float(imgs[:k], shared=info is not None)
+                    yield x, torch.from_numpy(lab[:k]), torch.from_numpy(ix[:k]), w, (stats.bad, stats.seen)
                     imgs, labs, ids = imgs[k:], [lab[k:]], [ix[k:]]
         except DataError as e:
             yield "error", str(e), None, w, None

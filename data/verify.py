@@ -1,7 +1,7 @@
 """Check a data set against its manifest: every shard present, sha256 and sample count as recorded, and
 (unless --quick) every sample decodable with the recorded image size and a label in range.
 
-    python -m data.verify DIR/train-manifest.json      # or DIR (every manifest in it)
+    python -m data.verify DIR/train-manifest.json      # or DIR (every manifest in it); --quick: no decoding
 
 Exit 0 and one summary line per data set when all is well; otherwise one line naming the first problems
 and exit 1 (bad command-line input: exit 2).
@@ -15,9 +15,10 @@ from typing import Sequence
 
 import blobfile as bf
 
-from .cli import ArgumentParser, fail
-from .errors import DataError
+from .cli import ArgumentParser, UsageError, flag, run_cli
 from .shards import MANIFEST_SUFFIX, is_url, load_manifest, read_bytes, read_shard
+
+PROG = "python -m data.verify"
 
 
 def verify(manifest_path: str, quick: bool = False) -> list[str]:
@@ -43,42 +44,43 @@ def verify(manifest_path: str, quick: bool = False) -> list[str]:
             sd = read_shard(url, shape, labelled=m["num_classes"] > 0, num_classes=m["num_classes"] or None,
                             expected=want)
             if sd.bad or len(sd) != want:
-                problems.append(f"{s['path']}: {sd.bad} bad of {want} samples ({sd.problems[0] if sd.problems else ''})")
+                first = sd.problems[0] if sd.problems else ""
+                problems.append(f"{s['path']}: {sd.bad} bad of {want} samples ({first})")
     if total != int(m["total"]):
         problems.append(f"manifest total {m['total']} != sum of shard counts {total}")
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m data.verify", description=__doc__.split("\n\n")[0])
+def _main(argv: Sequence[str] | None) -> int:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a NAME-manifest.json, or a folder (verifies every manifest in it)")
-    p.add_argument("--quick", action="store_true", help="check presence, sha256 and totals only; skip decoding")
+    flag(p, "--quick", False, "check presence, sha256 and totals only; skip decoding")
     args = p.parse_args(argv)
-    path = args.path
-    if not is_url(path):
-        path = os.path.abspath(path)
-    try:
-        if bf.isdir(path):
-            manifests = sorted(bf.glob(bf.join(path, "*" + MANIFEST_SUFFIX)))
-            if not manifests:
-                fail(f"data.verify: no *{MANIFEST_SUFFIX} in {path}")
-        elif bf.exists(path):
-            manifests = [path]
+    path = args.path if is_url(args.path) else os.path.abspath(args.path)
+    if bf.isdir(path):
+        manifests = sorted(bf.glob(bf.join(path, "*" + MANIFEST_SUFFIX)))
+        if not manifests:
+            raise UsageError(f"no *{MANIFEST_SUFFIX} in {path}")
+    elif bf.exists(path):
+        manifests = [path]
+    else:
+        raise UsageError(f"no such file or folder: {path}")
+    bad = 0
+    for mp in manifests:
+        problems = verify(mp, args.quick)
+        m = load_manifest(mp)
+        if problems:
+            bad += 1
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            sys.stderr.write(f"FAILED {mp}: " + "; ".join(problems[:3]) + more + "\n")
         else:
-            fail(f"data.verify: no such file or folder: {path}")
-        bad = 0
-        for mp in manifests:
-            problems = verify(mp, args.quick)
-            m = load_manifest(mp)
-            if problems:
-                bad += 1
-                more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-                sys.stderr.write(f"FAILED {mp}: " + "; ".join(problems[:3]) + more + "\n")
-            else:
-                print(f"ok {mp}: {m['total']} samples in {len(m['shards'])} shards")
-    except DataError as e:
-        fail(f"data.verify: {e}")
+            print(f"ok {mp}: {m['total']} samples in {len(m['shards'])} shards")
     return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: 0 all good, 1 problems found (one line per data set), 2 bad input (one line)."""
+    return run_cli(_main, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_npz_batches_round_trip(tmp_path):
         files.append(str(tmp_path / f"train_data_batch_{k + 1}.npz"))
         np.savez(files[-1], data=d, labels=list(l), mean=np.zeros(192))
     out = tmp_path / "out"
-    assert run("npz-batches", *files, "--out", str(out), "--shard-size", "5") == 0
+    assert run("npz-batches", *files, "--out-dir", str(out), "--shard-size", "5") == 0
     m = json.loads((out / "train-manifest.json").read_text())
     assert m["total"] == 22 and [s["samples"] for s in m["shards"]] == [5, 5, 5, 5, 2]  # shard 2 spans both files
     assert m["image_size"] == [8, 8] and m["num_classes"] == 1000
@@ -60,7 +60,7 @@ def test_npz_batches_round_trip(tmp_path):
     # resume: only the last shard is missing, so the first batch file is not even read (placeholder path)
     os.unlink(out / "train-manifest.json")
     os.unlink(out / "train-000004.tar")
-    assert run("npz-batches", *files, "--out", str(out), "--shard-size", "5") == 0
+    assert run("npz-batches", *files, "--out-dir", str(out), "--shard-size", "5") == 0
     assert json.loads((out / "train-manifest.json").read_text())["shards"] == m["shards"]
 
 
@@ -69,10 +69,13 @@ def test_npz_round_trip_with_and_without_labels(tmp_path):
     imgs = rng.integers(0, 256, (11, 6, 5, 3), dtype=np.uint8)  # non-square on purpose
     labels = rng.integers(0, 4, 11)
     np.savez(tmp_path / "s.npz", imgs, labels)
-    assert run("npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "a"), "--shard-size", "4") == 0
+    assert run("npz", str(tmp_path / "s.npz"), "--out-dir", str(tmp_path / "a"), "--shard-size", "4") == 0
     got, labs, _ = read_all(str(tmp_path / "a" / "train-manifest.json"))
     assert np.array_equal(got, imgs) and np.array_equal(labs, labels)
-    assert run("npz", str(tmp_path / "s.npz"), "--out", str(tmp_path / "b"), "--no-labels") == 0
+    assert run("npz", str(tmp_path / "s.npz"), "--out-dir", str(tmp_path / "c"), "--shard-size", "4", "--labels") == 0
+    shards = lambda d: json.loads((tmp_path / d / "train-manifest.json").read_text())["shards"]  # noqa: E731
+    assert shards("c") == shards("a")  # --labels is the default
+    assert run("npz", str(tmp_path / "s.npz"), "--out-dir", str(tmp_path / "b"), "--no-labels") == 0
     got, labs, _ = read_all(str(tmp_path / "b" / "train-manifest.json"))
     assert np.array_equal(got, imgs) and (labs == -1).all()
     assert json.loads((tmp_path / "b" / "train-manifest.json").read_text())["num_classes"] == 0
@@ -94,7 +97,7 @@ def _jpeg_tree(root, sizes) -> dict[str, tuple[int, str]]:
 def test_folder_round_trip_area(tmp_path):
     files = _jpeg_tree(tmp_path / "tree", [(24, 16), (16, 32), (16, 16)])
     out = tmp_path / "out"
-    assert run("folder", str(tmp_path / "tree"), "--out", str(out), "--size", "8", "--shard-size", "4") == 0
+    assert run("folder", str(tmp_path / "tree"), "--out-dir", str(out), "--size", "8", "--shard-size", "4") == 0
     m = json.loads((out / "train-manifest.json").read_text())
     assert m["total"] == 9 and m["class_names"] == ["n01", "n02", "n03"]
     assert json.loads((out / "train-classes.json").read_text()) == {"n01": 0, "n02": 1, "n03": 2}
@@ -116,7 +119,7 @@ def test_folder_adm_resize_and_unreadable_file(tmp_path):
     _jpeg_tree(tmp_path / "tree", [(40, 20), (20, 20)])
     (tmp_path / "tree" / "n02" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
-    assert run("folder", str(tmp_path / "tree"), "--out", str(out), "--size", "8", "--resize", "adm") == 0
+    assert run("folder", str(tmp_path / "tree"), "--out-dir", str(out), "--size", "8", "--resize", "adm") == 0
     m = json.loads((out / "train-manifest.json").read_text())
     assert m["total"] == 6 and m["skipped"] == 1 and "broken.jpg" in m["skipped_examples"][0]
     imgs, _, _ = read_all(str(out))
@@ -127,7 +130,7 @@ def test_digits_round_trip_and_split(tmp_path):
     from sklearn.datasets import load_digits
 
     out = tmp_path / "digits"
-    assert run("digits", "--out", str(out), "--size", "16") == 0
+    assert run("digits", "--out-dir", str(out), "--size", "16") == 0
     tr, trl, _ = read_all(str(out / "train-manifest.json"))
     va, val, _ = read_all(str(out / "val-manifest.json"))
     assert len(tr) + len(va) == 1797 and len(va) == 359
@@ -147,7 +150,7 @@ def test_refuses_overwrite_and_resumes_only_missing_shards(tmp_path, capsys):
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "s.npz", rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8), np.arange(10) % 3)
     out = tmp_path / "out"
-    args = ("npz", str(tmp_path / "s.npz"), "--out", str(out), "--shard-size", "3")
+    args = ("npz", str(tmp_path / "s.npz"), "--out-dir", str(out), "--shard-size", "3")
     assert run(*args) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -155,17 +158,25 @@ def test_refuses_overwrite_and_resumes_only_missing_shards(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        run(*args, "--no-overwrite")  # the explicit spelling of the default
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     first = json.loads((out / "train-manifest.json").read_text())
     # simulate a crash: manifest and one shard missing, a stale temporary file left behind
     os.unlink(out / "train-manifest.json")
     os.unlink(out / "train-000002.tar")
-    (out / ".tmp-train-000002.tar-x").write_bytes(b"partial")
+    (out / ".tmp-train-000002.tar-x").write_bytes(b"partial")  # as written by earlier versions
+    stale = [out / ".train-000002.tar.x1.tmp", out / ".train-manifest.json.x2.tmp"]  # data.fsio's names
+    for p in stale:
+        p.write_bytes(b"partial")
+    (out / ".other-000002.tar.x3.tmp").write_bytes(b"another data set's")
     stamp = {p: os.stat(out / p).st_mtime_ns for p in ("train-000000.tar", "train-000001.tar", "train-000003.tar")}
     os.utime(out / "train-000000.tar", ns=(1, 1))  # old mtime: a rewrite would change it
     stamp["train-000000.tar"] = 1
     assert run(*args) == 0
     assert all(os.stat(out / p).st_mtime_ns == t for p, t in stamp.items())
     assert not (out / ".tmp-train-000002.tar-x").exists()
+    assert not any(p.exists() for p in stale) and (out / ".other-000002.tar.x3.tmp").exists()
     again = json.loads((out / "train-manifest.json").read_text())
     assert again["shards"] == first["shards"]  # deterministic bytes: same sha256 for the rewritten shard
     assert run(*args, "--overwrite") == 0
@@ -175,19 +186,20 @@ def test_refuses_overwrite_and_resumes_only_missing_shards(tmp_path, capsys):
 def test_partial_dataset_with_other_settings_is_refused(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", np.zeros((10, 4, 4, 3), np.uint8))
     out = tmp_path / "out"
-    assert run("npz", str(tmp_path / "s.npz"), "--out", str(out), "--shard-size", "3") == 0
+    assert run("npz", str(tmp_path / "s.npz"), "--out-dir", str(out), "--shard-size", "3") == 0
     os.unlink(out / "train-manifest.json")
     (out / ".train-progress.json").write_text(json.dumps({"kind": "npz", "shard_size": 99}))
     with pytest.raises(SystemExit) as e:
-        run("npz", str(tmp_path / "s.npz"), "--out", str(out), "--shard-size", "3")
+        run("npz", str(tmp_path / "s.npz"), "--out-dir", str(out), "--shard-size", "3")
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
 def test_verify_detects_damage(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", np.full((6, 4, 4, 3), 7, np.uint8), np.arange(6) % 2)
     out = tmp_path / "out"
-    assert run("npz", str(tmp_path / "s.npz"), "--out", str(out), "--shard-size", "3") == 0
+    assert run("npz", str(tmp_path / "s.npz"), "--out-dir", str(out), "--shard-size", "3") == 0
     assert verify([str(out)]) == 0
+    assert verify([str(out), "--no-quick"]) == 0
     data = bytearray((out / "train-000001.tar").read_bytes())
     data[600] ^= 0xFF  # flip one pixel byte: sizes fine, sha256 not
     (out / "train-000001.tar").write_bytes(bytes(data))
@@ -200,14 +212,14 @@ def test_verify_detects_damage(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["npz", "/nonexistent/x.npz", "--out", "OUT"], "no such file"),
-    (["digits", "--out", "OUT", "--size", "0"], "--size"),
-    (["digits", "--out", "OUT", "--shard-size", "-3"], "--shard-size"),
-    (["npz-batches", "--out", "OUT"], "required"),
+    (["npz", "/nonexistent/x.npz", "--out-dir", "OUT"], "no such file"),
+    (["digits", "--out-dir", "OUT", "--size", "0"], "--size"),
+    (["digits", "--out-dir", "OUT", "--shard-size", "-3"], "--shard-size"),
+    (["npz-batches", "--out-dir", "OUT"], "required"),
     (["frobnicate"], "invalid choice"),
-    (["digits", "--out", "IN"], "is a file"),
-    (["npz", "IN", "--out", "OUT"], "cannot read"),
-    (["npz", "IN", "--out", "OUT", "--shard-size", "ten"], "invalid int"),
+    (["digits", "--out-dir", "IN"], "is a file"),
+    (["npz", "IN", "--out-dir", "OUT"], "cannot read"),
+    (["npz", "IN", "--out-dir", "OUT", "--shard-size", "ten"], "invalid int"),
 ])
 def test_cli_bad_input_exit_2_one_line(tmp_path, argv, needle):
     argv = [a.replace("OUT", str(tmp_path / "o")).replace("IN", str(tmp_path / "in.npz")) for a in argv]
@@ -245,9 +257,9 @@ def test_area_resize_non_integer_factor_matches_supersampled_block_mean():
 def test_parallel_writers_give_identical_shards(tmp_path):
     """The process pool path (--workers 2) writes byte-identical shards to the in-process path."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert prepare(["digits", "--out", str(a), "--size", "8", "--shard-size", "300", "--workers", "0",
+    assert prepare(["digits", "--out-dir", str(a), "--size", "8", "--shard-size", "300", "--workers", "0",
                     "--no-progress"]) == 0
-    assert prepare(["digits", "--out", str(b), "--size", "8", "--shard-size", "300", "--workers", "2",
+    assert prepare(["digits", "--out-dir", str(b), "--size", "8", "--shard-size", "300", "--workers", "2",
                     "--no-progress"]) == 0
     for name in ("train", "val"):
         ma = json.loads((a / f"{name}-manifest.json").read_text())

@@ -33,7 +33,7 @@ def ds(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ds")
     imgs, labels = make_images()
     np.savez(root / "src.npz", imgs, labels)
-    assert prepare(["npz", str(root / "src.npz"), "--out", str(root / "out"), "--shard-size", "7", "--workers", "0",
+    assert prepare(["npz", str(root / "src.npz"), "--out-dir", str(root / "out"), "--shard-size", "7", "--workers", "0",
                     "--no-progress"]) == 0
     return str(root / "out")
 
@@ -136,6 +136,24 @@ def test_train_content_labels_flip_and_shuffle(ds):
     assert ids[:N] != sorted(ids[:N])  # shuffled
     x, _ = next(TrainStream(ds, 64, flip=False))
     assert not identify(x)[1].any()
+
+
+def test_train_block_draws_follow_the_documented_seed_derivation(ds):
+    """Block b of worker w on rank r: shards, permutation and flips from np.random.default_rng([seed, r, w, b])."""
+    counts = np.array([7] * 8 + [4])
+    first = np.concatenate([[0], np.cumsum(counts)])
+    stream = TrainStream(ds, 8, seed=4, rank=1, world_size=2, shards_per_block=2)
+    got = take(stream, 6)  # 48 samples: several blocks
+    ids, flips = [], []
+    for block in range(6):  # every block holds >= 8 samples (two shards of 4 or 7)
+        rng = np.random.default_rng([4, 1, 0, block])
+        picks = rng.choice(len(counts), size=2, replace=True, p=counts / counts.sum())
+        samples = np.concatenate([np.arange(first[i], first[i + 1]) for i in picks])
+        ids.append(samples[rng.permutation(len(samples))])
+        flips.append(rng.random(len(samples)) < 0.5)
+    ids, flips = np.concatenate(ids)[:48], np.concatenate(flips)[:48]
+    assert np.array_equal(np.concatenate([g[0] for g in got]), ids)
+    assert np.array_equal(np.concatenate([g[1] for g in got]), flips)
 
 
 def test_state_mismatch_is_a_clear_error(ds):

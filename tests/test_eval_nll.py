@@ -28,8 +28,8 @@ def setup(tmp_path_factory):
     from diffusion.presets import get_config
     from trainer.export import save_exported
     root = tmp_path_factory.mktemp("nll")
-    r = subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out", str(root / "digits"), "--size", "16",
-                        "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=_env())
+    r = subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", str(root / "digits"),
+                        "--size", "16", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr
     torch.manual_seed(1)
     cfg = get_config("tiny16")

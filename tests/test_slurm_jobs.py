@@ -47,7 +47,7 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
     """Digits shards, a reference batch, and all jobs of this module submitted at once."""
     root = tmp_path_factory.mktemp("slurm-jobs")
     data = root / "digits"
-    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--size", "16", "--out", str(data),
+    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--size", "16", "--out-dir", str(data),
                     "--no-progress"], check=True, cwd=REPO, capture_output=True, timeout=300)
     _reference_batch(root / "reference.npz")
     # Stand-in for BigGAN-deep's published sample batch (not downloadable here): other digits.

@@ -59,8 +59,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out", str(out), "--size", "16", "--no-progress"],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", str(out), "--size", "16",
+                    "--no-progress"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     return str(out / "train-manifest.json")
 
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     data = os.path.join(a.run_dir, "data")
     manifest = os.path.join(data, "train-manifest.json")
     if not os.path.isfile(manifest):
-        subprocess.run([py, "-m", "data.prepare", "digits", "--out", data, "--size", "16", "--no-progress"], check=True)
+        subprocess.run([py, "-m", "data.prepare", "digits", "--out-dir", data, "--size", "16", "--no-progress"], check=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
     cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(a.ranks), "--master_port", str(a.master_port),
            os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"),
