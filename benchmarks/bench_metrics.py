@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from evaluations.io import atomic_write_json, atomic_write_text
+from data.fsio import atomic_write_json, atomic_write_text
 from evaluations.metrics import feature_statistics, frechet_distance, precision_recall
 
 

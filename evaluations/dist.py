@@ -2,7 +2,8 @@
 
 `trainer.dist.discover()` reads torchrun/deepspeed variables, SLURM variables or mpi4py (under mpiexec) and exports
 RANK/WORLD_SIZE/MASTER_*. Evaluation only needs barriers and a few small collectives, so it uses gloo on CPU
-tensors whatever the device (no DeepSpeed import, and the same code on CPU and GPU nodes).
+tensors whatever the device (no DeepSpeed import, and the same code on CPU and GPU nodes). Rows are gathered with
+`trainer.sync.gather_rows` (the project's one padded all-gather).
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
-
-from evaluations.io import UsageError
 
 
 @dataclass(frozen=True)
@@ -27,13 +26,12 @@ class Ranks:
 
 
 def setup(timeout_min: float = 60.0) -> Ranks:
-    """Discover the launch and, with several ranks, initialise a gloo process group. Idempotent."""
+    """Discover the launch and, with several ranks, initialise a gloo process group. Idempotent.
+
+    A launch that cannot be understood (e.g. MASTER_PORT missing) raises `data.cli.UsageError`.
+    """
     from trainer.dist import discover
-    from trainer.errors import UsageError as TrainerUsageError
-    try:
-        launch = discover()
-    except TrainerUsageError as e:
-        raise UsageError(str(e)) from None
+    launch = discover()
     if launch.world > 1 and not tdist.is_initialized():
         tdist.init_process_group("gloo", rank=launch.rank, world_size=launch.world,
                                  timeout=datetime.timedelta(minutes=timeout_min))
@@ -49,6 +47,14 @@ def device_for(ranks: Ranks, requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def init(device: str | None = None, threads: int | None = None) -> tuple[Ranks, torch.device]:
+    """`setup()`, this rank's device (`device_for`) and, when given, the number of torch CPU threads."""
+    ranks = setup()
+    if threads:
+        torch.set_num_threads(threads)
+    return ranks, device_for(ranks, device)
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()
@@ -60,22 +66,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         tdist.all_reduce(x)
     return x
-
-
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's CPU tensor [n_r, ...] (n_r may differ) in rank order -> [sum n_r, ...]."""
-    if not tdist.is_initialized():
-        return x
-    world = tdist.get_world_size()
-    n = torch.tensor([x.shape[0]], dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    tdist.all_gather(sizes, n)
-    top = int(max(s.item() for s in sizes))
-    pad = torch.zeros((top, *x.shape[1:]), dtype=x.dtype)
-    pad[:x.shape[0]] = x
-    out = [torch.zeros_like(pad) for _ in range(world)]
-    tdist.all_gather(out, pad)
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
 
 
 def shutdown() -> None:

@@ -7,6 +7,9 @@ Inputs are guided-diffusion's npz format: `arr_0` uint8 [N, H, W, 3] (images). A
 precomputed `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial) statistics, which are used as given (like the
 published ImageNet 64x64 reference batch); its images are still needed for precision/recall.
 Writes DIR/metrics.json, DIR/metrics.md and DIR/precision_recall.png.
+
+From Python, `evaluate(reference, samples, ...)` returns the metrics dict (what metrics.json holds) and writes
+nothing but the feature cache.
 """
 from __future__ import annotations
 
@@ -15,21 +18,25 @@ import datetime
 import os
 import sys
 import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+from data.cli import ArgumentParser, UsageError, flag, run_cli
+from data.fsio import atomic_write, atomic_write_json, atomic_write_text
 from evaluations.features import INCEPTION_ENV, cached_features, create_extractor
-from evaluations.io import UsageError, atomic_write, atomic_write_json, atomic_write_text, check_images, die, load_npz
-from evaluations.metrics import MetricError, frechet_distance, inception_score, precision_recall
+from evaluations.io import check_images, load_npz
+from evaluations.metrics import frechet_distance, inception_score, precision_recall
 
 PROG = "evaluations.evaluate"
 
 
-def _progress(desc: str):
-    def wrap(it):
+def _progress(desc: str, show: bool) -> Callable[[Iterator], Iterator]:
+    """A tqdm wrapper, shown only when `show` and stderr is a terminal."""
+    def wrap(it: Iterator) -> Iterator:
         from tqdm import tqdm
-        return tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty())
+        return tqdm(it, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()))
     return wrap
 
 
@@ -48,8 +55,19 @@ def _check_stats(arrays: dict, keys: tuple[str, str], dims: int, path: str) -> t
 
 def evaluate(reference: str, samples: list[str], *, features: str = "inception", inception_weights: str | None = None,
              names: list[str] | None = None, batch_size: int = 64, k: int = 3, splits: int = 10,
-             cache_dir: str | None = None, device: str | None = None, pr_block: int = 1024) -> dict:
-    """Metrics of every sample batch against `reference`; returns the JSON-ready report."""
+             cache_dir: str | None = None, device: str | None = None, pr_block: int = 1024,
+             progress: bool = True) -> dict[str, Any]:
+    """FID, sFID, IS, precision and recall of every sample batch (.npz path) against `reference` (.npz path).
+
+    features: "inception" (needs `inception_weights` or $IDDPM_INCEPTION_WEIGHTS) or "standin" (smoke tests only);
+    names: one display name per batch (default: file stems); batch_size: images per extractor batch; k: nearest
+    neighbours for precision/recall (computed in blocks of `pr_block` rows); splits: Inception Score splits;
+    cache_dir: feature cache keyed by file content (None: no cache); device: default cuda when available.
+    Returns the JSON-ready report: features, reference, k, is_splits, date and one row per batch in "batches"
+    (name, path, images, cached, fid, sfid, is, is_std, precision, recall, seconds; None where not computable).
+    """
+    if batch_size < 1 or k < 1 or splits < 1:
+        raise UsageError("--batch-size, --k and --splits must be positive integers")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = names or [os.path.splitext(os.path.basename(p))[0] for p in samples]
     if len(names) != len(samples):
@@ -61,7 +79,7 @@ def evaluate(reference: str, samples: list[str], *, features: str = "inception",
     if "arr_0" in ref:
         ref_images = check_images(ref["arr_0"], f"{reference} arr_0")
         ref_feats, _ = cached_features(reference, ref_images, extractor, cache_dir, batch_size, device,
-                                       _progress("reference"))
+                                       _progress("reference", progress))
     # Feature dimensions of this extractor, from a 2-image probe when the reference has no images.
     probe = ref_feats or {k2: v.cpu().numpy() for k2, v in extractor(
         torch.zeros(2, 64, 64, 3, dtype=torch.uint8, device=device)).items()}
@@ -88,7 +106,7 @@ def evaluate(reference: str, samples: list[str], *, features: str = "inception",
         if "arr_0" not in arr:
             raise UsageError(f"{path}: no arr_0 (expected uint8 images [N, H, W, 3])")
         images = check_images(arr["arr_0"], f"{path} arr_0")
-        f, hit = cached_features(path, images, extractor, cache_dir, batch_size, device, _progress(name))
+        f, hit = cached_features(path, images, extractor, cache_dir, batch_size, device, _progress(name, progress))
         row = {"name": name, "path": os.path.abspath(path), "images": int(images.shape[0]), "cached": hit,
                "fid": frechet_distance(f["mu"], f["sigma"], *ref_stats),
                "sfid": frechet_distance(f["mu_s"], f["sigma_s"], *ref_stats_s) if ref_stats_s else None}
@@ -113,7 +131,8 @@ def markdown(report: dict) -> str:
              f"Features: `{report['features']}`" + ("" if report["comparable_to_published"] else
              " — **stand-in random network: these numbers are NOT comparable to published FID/IS values**"),
              f"Reference statistics: {report['reference']['statistics']}; reference images: "
-             f"{report['reference']['images']}; precision/recall k = {report['k']}; IS over {report['is_splits']} splits.",
+             f"{report['reference']['images']}; precision/recall k = {report['k']}; "
+             f"IS over {report['is_splits']} splits.",
              f"Date: {report['date']}", "",
              "| batch | images | FID | sFID | IS | precision | recall |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["batches"]:
@@ -136,7 +155,8 @@ def plot_precision_recall(report: dict, path: str) -> bool:
         ax.scatter(r["recall"], r["precision"], s=40)
         ax.annotate(r["name"], (r["recall"], r["precision"]), textcoords="offset points", xytext=(5, 5))
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision",
-           title=f"precision / recall (k={report['k']})" + ("" if report["comparable_to_published"] else "\nstand-in features"))
+           title=f"precision / recall (k={report['k']})"
+           + ("" if report["comparable_to_published"] else "\nstand-in features"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -144,11 +164,22 @@ def plot_precision_recall(report: dict, path: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+def save(out_dir: str, report: dict[str, Any]) -> str:
+    """metrics.json, metrics.md and precision_recall.png in `out_dir`, atomically. Returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), report)
+    md = markdown(report)
+    atomic_write_text(os.path.join(out_dir, "metrics.md"), md)
+    plot_precision_recall(report, os.path.join(out_dir, "precision_recall.png"))
+    return md
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("samples", nargs="+", help="sample batches (.npz with arr_0 uint8 [N,H,W,3])")
-    p.add_argument("--reference", required=True, help="reference batch (.npz: arr_0 images and/or mu,sigma,mu_s,sigma_s)")
+    p.add_argument("--reference", required=True,
+                   help="reference batch (.npz: arr_0 images and/or mu,sigma,mu_s,sigma_s)")
     p.add_argument("--out-dir", required=True, help="folder for metrics.json, metrics.md, precision_recall.png")
     p.add_argument("--features", default="inception", choices=["inception", "standin"],
                    help="inception: TF-FID Inception-v3 (needs weights); standin: random net for smoke tests only")
@@ -157,27 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
     p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (default 3)")
     p.add_argument("--splits", type=int, default=10, help="Inception Score splits (default 10)")
-    p.add_argument("--cache-dir", default=os.environ.get("IDDPM_FEATURE_CACHE", os.path.expanduser("~/.cache/iddpm/features")),
+    p.add_argument("--cache-dir",
+                   default=os.environ.get("IDDPM_FEATURE_CACHE", os.path.expanduser("~/.cache/iddpm/features")),
                    help="feature cache keyed by file content hash (default ~/.cache/iddpm/features)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    flag(p, "--cache", True, "read and write the feature cache in --cache-dir")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a = p.parse_args(argv)
-    try:
-        if a.batch_size < 1 or a.k < 1 or a.splits < 1:
-            raise UsageError("--batch-size, --k and --splits must be positive integers")
-        report = evaluate(a.reference, a.samples, features=a.features, inception_weights=a.inception_weights,
-                          names=a.names.split(",") if a.names else None, batch_size=a.batch_size, k=a.k,
-                          splits=a.splits, cache_dir=None if a.no_cache else a.cache_dir, device=a.device)
-    except (UsageError, MetricError) as e:
-        die(str(e), PROG)
-    os.makedirs(a.out_dir, exist_ok=True)
-    atomic_write_json(os.path.join(a.out_dir, "metrics.json"), report)
-    md = markdown(report)
-    atomic_write_text(os.path.join(a.out_dir, "metrics.md"), md)
-    plot_precision_recall(report, os.path.join(a.out_dir, "precision_recall.png"))
-    print(md, end="")
+    flag(p, "--progress", True, "progress bars (on a terminal)")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    report = evaluate(a.reference, a.samples, features=a.features, inception_weights=a.inception_weights,
+                      names=a.names.split(",") if a.names else None, batch_size=a.batch_size, k=a.k,
+                      splits=a.splits, cache_dir=a.cache_dir if a.cache else None, device=a.device,
+                      progress=a.progress)
+    print(save(a.out_dir, report), end="")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, PROG, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

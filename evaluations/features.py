@@ -36,7 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluations.io import UsageError, atomic_save_npz, check_images, file_sha256, load_npz
+from data.cli import UsageError
+from data.fsio import atomic_save_npz
+from evaluations.io import check_images, file_sha256, load_npz
 from evaluations.metrics import check_features, feature_statistics
 
 INCEPTION_ENV = "IDDPM_INCEPTION_WEIGHTS"

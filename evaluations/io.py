@@ -1,53 +1,61 @@
-"""Files for evaluation: safe npz reading (never unpickles), image-batch checks, atomic writes, one-line CLI errors."""
+"""Files and models for evaluation: the one inference loader, safe npz reading (never unpickles), image checks.
+
+Errors are `data.cli.UsageError` (one line, exit code 2 in the CLIs); atomic writes come from `data.fsio`.
+"""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
-import sys
 import zipfile
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
+import torch
 
-# One implementation of atomic writes (temp name, fsync, rename, fsync folder) for the trainer and evaluations.
-from trainer.fsio import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
-
-EXIT_BAD_INPUT = 2
+from data.cli import ArgumentParser, UsageError, flag
 
 
-class UsageError(Exception):
-    """Bad user input (flags, files). Printed as one line on stderr; exit code 2."""
+# ------------------------------------------------------------------------------------------------ models
 
+def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "", *,
+               what: str = "--respace") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Exported weights (trainer.export) -> (model in eval mode on `device`, diffusion, meta).
 
-def die(msg: str, prog: str) -> NoReturn:
-    """Print `prog: error: msg` (one line) on stderr and exit with code 2."""
-    sys.stderr.write(f"{prog}: error: {' '.join(str(msg).split())}\n")
-    sys.stderr.flush()
-    raise SystemExit(EXIT_BAD_INPUT)
-
-
-# ------------------------------------------------------------------------------------------------ atomic writes
-
-def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to `path` atomically (the file object form, so numpy does not append '.npz' to the temp name)."""
-    def w(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    atomic_write(path, w)
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-def load_model(path: str, device: Any) -> tuple[Any, dict, dict]:
-    """Exported weights (trainer.export) -> (model, diffusion kwargs, meta); a missing or broken file is a UsageError."""
+    The diffusion is the one the model was trained with (read from the JSON beside the weights), respaced by
+    `respacing` ("" = all T steps, "250", "10,15,20", "ddim50"). A missing or broken file, or a respacing the
+    process cannot take, is a UsageError; `what` names the option that set the respacing in that message.
+    """
+    from diffusion import create_diffusion
     from trainer.export import load_exported
     if not os.path.isfile(path):
         raise UsageError(f"--model {path}: no such file (export one with python -m trainer.export RUN_DIR)")
     try:
-        return load_exported(path, device=device)
+        model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"--model {path}: cannot load exported model ({e})") from None
+    try:
+        diffusion = create_diffusion(**{**dkw, "timestep_respacing": respacing})
+    except ValueError as e:                     # e.g. a respacing that does not divide the process
+        raise UsageError(f"{what}: {e}") from None
+    return model, diffusion, meta
 
+
+def inference_parser(prog: str, doc: str) -> ArgumentParser:
+    """The parser of a CLI that runs a model on each rank (sample, nll): `--model` plus a "running" group
+    (--clip/--no-clip, --device, --threads, --progress/--no-progress) named as the entry points' keywords."""
+    p = ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n", 2)[2])
+    p.add_argument("--model", required=True, help="exported weights (model.safetensors with model.json beside it)")
+    g = p.add_argument_group("running")
+    flag(g, "--clip", True, "clip predicted x_0 to [-1, 1]")
+    g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: this rank's GPU, else CPU)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
+    flag(g, "--progress", True, "progress bar on rank 0")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ reading
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes (read in 4 MiB chunks)."""

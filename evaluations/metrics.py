@@ -17,12 +17,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.cli import UsageError
+
 __all__ = ["MetricError", "check_features", "feature_statistics", "frechet_distance", "inception_score",
            "knn_radii", "precision_recall"]
 
 
-class MetricError(ValueError):
-    """Bad input to a metric (wrong shape, NaN, too few samples); the message is one line."""
+class MetricError(UsageError, ValueError):
+    """Bad input to a metric (wrong shape, NaN, too few samples): a `data.cli.UsageError` (one line, exit code 2
+    in the CLIs) and, for callers that expect it, a ValueError."""
 
 
 def check_features(x, name: str, min_rows: int = 1) -> np.ndarray | torch.Tensor:

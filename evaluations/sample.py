@@ -5,34 +5,45 @@
 
 Launch with python, torchrun/deepspeed, srun or mpiexec: the N samples are cut into ceil(N / B) global batches and
 batch b runs on rank b % world. Batch b draws its labels, x_T and every sampler noise from a CPU generator seeded by
-(seed, b), so the result does not depend on the number of ranks or on the device's RNG. Each finished batch is saved
-atomically under OUT.parts/; a killed job re-run with the same command keeps them and does the rest. Rank 0 then
-writes OUT (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels [N] for class-conditional models) and OUT.json
-(settings, throughput) atomically, and removes OUT.parts/.
+data.seeds.derive_seed(seed, b), so the result does not depend on the number of ranks or on the device's RNG. Each
+finished batch is saved atomically under OUT.parts/; a killed job re-run with the same command keeps them and does
+the rest. Rank 0 then writes OUT (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels [N] for class-conditional models) and
+OUT.json (settings, throughput) atomically, and removes OUT.parts/.
+
+From Python, `sample(model, num_samples, ...)` returns the images and labels (on rank 0) and writes nothing but
+the optional resume folder `parts_dir`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from data.cli import ArgumentParser, UsageError, run_cli
+from data.fsio import atomic_save_npz, atomic_write_json
+from data.seeds import derive_seed
 from evaluations import dist
-from evaluations.io import UsageError, load_model, atomic_save_npz, atomic_write_json, die, load_npz
+from evaluations.io import inference_parser, load_model, load_npz
+from trainer.sync import gather_rows
 
 PROG = "evaluations.sample"
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """A 63-bit seed for global batch `batch`, independent of ranks (SeedSequence mixing, no collisions in practice)."""
-    return int(np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+@dataclass(frozen=True)
+class Samples:
+    """What `sample` returns on rank 0."""
+    images: np.ndarray                  # uint8 [N, H, W, 3]
+    labels: np.ndarray | None           # int64 [N] for a class-conditional model, else None
+    report: dict[str, Any]              # settings, shape, ranks, device, sampled_this_run, resumed_batches,
+                                        # seconds, images_per_second, model_steps_per_image
+    reused: bool = False                # True: a finished earlier output (`reuse`) was returned, nothing sampled
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -40,30 +51,38 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_labels(path: str, n: int, num_classes: int) -> np.ndarray:
-    """Integer labels [>= n] from .npy/.npz (first array, or arr_1 when the file is a sample batch)."""
-    arrays = load_npz(path)
-    y = arrays.get("arr_1", next(iter(arrays.values())))
+def load_labels(labels: str | np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """Integer labels [n] (int64) from an array or a .npy/.npz (first array, or arr_1 when it is a sample batch)."""
+    name = f"--labels {labels}" if isinstance(labels, str) else "labels"
+    if isinstance(labels, str):
+        arrays = load_npz(labels)
+        y = arrays.get("arr_1", next(iter(arrays.values())))
+    else:
+        y = np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"--labels {path}: expected a 1-D integer array, got {y.dtype} {y.shape}")
+        raise UsageError(f"{name}: expected a 1-D integer array, got {y.dtype} {y.shape}")
     if len(y) < n:
-        raise UsageError(f"--labels {path}: holds {len(y)} labels but --num-samples is {n}")
+        raise UsageError(f"{name}: holds {len(y)} labels but --num-samples is {n}")
     if y.min() < 0 or y.max() >= num_classes:
-        raise UsageError(f"--labels {path}: labels must lie in [0, {num_classes - 1}], got [{y.min()}, {y.max()}]")
+        raise UsageError(f"{name}: labels must lie in [0, {num_classes - 1}], got [{y.min()}, {y.max()}]")
     return y[:n].astype(np.int64)
 
 
-def settings_of(a: argparse.Namespace, meta: dict) -> dict[str, Any]:
-    """Everything that determines the samples; parts on disk are only reused when this matches."""
-    return {"model": os.path.abspath(a.model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
-            "num_samples": a.num_samples, "batch_size": a.batch_size, "seed": a.seed,
-            "sampler": "ddim" if a.ddim else "ddpm", "timestep_respacing": respacing_of(a), "eta": a.eta,
-            "guidance_scale": a.guidance_scale, "clip_denoised": not a.no_clip, "class_label": a.class_label,
-            "labels": a.labels_digest}
-
-
-def respacing_of(a: argparse.Namespace) -> str:
-    return f"ddim{a.ddim}" if a.ddim else (a.respace or "")
+def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: int | None, eta: float,
+                  guidance_scale: float, labels: Any, class_label: int | None) -> None:
+    """Refuse contradictory or out-of-range sampling options (UsageError, one line)."""
+    if num_samples < 1 or batch_size < 1:
+        raise UsageError("--num-samples and --batch-size must be positive integers")
+    if ddim is not None and respace:
+        raise UsageError("--ddim N already sets the respacing ('ddimN'); drop --respace")
+    if ddim is not None and ddim < 1:
+        raise UsageError(f"--ddim {ddim}: the number of DDIM steps must be positive")
+    if eta < 0 or (eta and not ddim):
+        raise UsageError("--eta must be >= 0 and only applies with --ddim")
+    if guidance_scale < 0:
+        raise UsageError("--guidance-scale must be >= 0")
+    if labels is not None and class_label is not None:
+        raise UsageError("give either --labels or --class-label, not both")
 
 
 def sample_batch(diffusion, model, shape: tuple[int, ...], seed: int, *, num_classes: int | None,
@@ -84,6 +103,47 @@ def sample_batch(diffusion, model, shape: tuple[int, ...], seed: int, *, num_cla
     return to_uint8(x), (y.numpy().astype(np.int64) if y is not None else None)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A loaded model and everything that determines the samples."""
+    net: Any                            # the model, wrapped for classifier-free guidance when asked
+    diffusion: Any
+    labels: np.ndarray | None           # int64 [N] fixed labels, or None (uniform per batch / unconditional)
+    num_classes: int | None
+    shape: tuple[int, int, int]         # (C, H, W) of one image
+    settings: dict[str, Any]            # parts on disk and a finished output are reused only when this matches
+
+
+def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: int, respace: str | None,
+             ddim: int | None, eta: float, guidance_scale: float, labels: str | np.ndarray | None,
+             class_label: int | None, seed: int, clip: bool) -> _Job:
+    from diffusion.guidance import ClassifierFreeGuidance
+    respacing = f"ddim{ddim}" if ddim else (respace or "")
+    net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim")
+    num_classes = meta["model"].get("num_classes")
+    fixed = None
+    if labels is not None or class_label is not None:
+        if num_classes is None:
+            raise UsageError("--labels/--class-label given but the model is unconditional")
+        if labels is not None:
+            fixed = load_labels(labels, num_samples, num_classes)
+        elif not 0 <= class_label < num_classes:
+            raise UsageError(f"--class-label {class_label}: must lie in [0, {num_classes - 1}]")
+        else:
+            fixed = np.full(num_samples, class_label, dtype=np.int64)
+    if guidance_scale:
+        if num_classes is None:
+            raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
+        net = ClassifierFreeGuidance(net, guidance_scale, num_classes)
+    settings = {"model": os.path.abspath(model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
+                "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
+                "sampler": "ddim" if ddim else "ddpm", "timestep_respacing": respacing, "eta": eta,
+                "guidance_scale": guidance_scale, "clip_denoised": clip, "class_label": class_label,
+                "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None}
+    size = meta["model"]["image_size"]
+    return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings)
+
+
 def _part(parts: str, b: int) -> str:
     return os.path.join(parts, f"batch-{b:07d}.npz")
 
@@ -96,45 +156,18 @@ def _read_part(path: str, n: int) -> dict[str, np.ndarray] | None:
     return arr if "arr_0" in arr and arr["arr_0"].shape[0] == n and arr["arr_0"].dtype == np.uint8 else None
 
 
-def run(a: argparse.Namespace) -> dict[str, Any] | None:
-    """Sample on this rank; rank 0 assembles the output. Returns rank 0's report (None elsewhere)."""
-    from diffusion import create_diffusion
-    from diffusion.guidance import ClassifierFreeGuidance
+def _finished(out: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The report (OUT.json) of a finished output OUT made with `settings`, else None."""
+    jpath = os.path.splitext(out)[0] + ".json"
+    if not (os.path.isfile(out) and os.path.isfile(jpath)):
+        return None
+    with open(jpath) as f:
+        done = json.load(f)
+    return done if done.get("settings") == settings else None
 
-    ranks = dist.setup()
-    device = dist.device_for(ranks, a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    model, dkw, meta = load_model(a.model, device)
-    num_classes = meta["model"].get("num_classes")
-    try:
-        diffusion = create_diffusion(**{**dkw, "timestep_respacing": respacing_of(a)})
-    except ValueError as e:                     # e.g. a respacing that does not divide the process
-        raise UsageError(f"--respace/--ddim: {e}") from None
-    labels_all = None
-    if a.labels or a.class_label is not None:
-        if num_classes is None:
-            raise UsageError("--labels/--class-label given but the model is unconditional")
-        if a.labels:
-            labels_all = load_labels(a.labels, a.num_samples, num_classes)
-        else:
-            if not 0 <= a.class_label < num_classes:
-                raise UsageError(f"--class-label {a.class_label}: must lie in [0, {num_classes - 1}]")
-            labels_all = np.full(a.num_samples, a.class_label, dtype=np.int64)
-    a.labels_digest = hashlib.sha256(labels_all.tobytes()).hexdigest()[:16] if labels_all is not None else None
-    net = model
-    if a.guidance_scale:
-        if num_classes is None:
-            raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
-        net = ClassifierFreeGuidance(model, a.guidance_scale, num_classes)
 
-    settings = settings_of(a, meta)
-    parts, jpath = a.out + ".parts", os.path.splitext(a.out)[0] + ".json"
-    if os.path.isfile(a.out) and os.path.isfile(jpath) and not os.path.isdir(parts):
-        with open(jpath) as f:
-            done = json.load(f)
-        if done.get("settings") == settings:      # finished earlier with the same settings: nothing to do
-            return {**done, "sampled_this_run": 0, "images_per_second": None} if ranks.is_main else None
+def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks) -> None:
+    """Rank 0 creates `parts`/settings.json or checks the one there; every rank must see it (shared disk)."""
     problem = None
     if ranks.is_main:
         os.makedirs(parts, exist_ok=True)
@@ -155,60 +188,135 @@ def run(a: argparse.Namespace) -> dict[str, Any] | None:
     if dist.all_reduce_sum(torch.tensor([hidden], dtype=torch.int64)).item():
         raise UsageError(f"{parts} is not visible from every rank; --out must be on a shared file system")
 
-    n, bs = a.num_samples, a.batch_size
-    n_batches = (n + bs - 1) // bs
-    mine = [b for b in range(ranks.rank, n_batches, ranks.world)]
-    todo = [b for b in mine if _read_part(_part(parts, b), min(bs, n - b * bs)) is None]
-    c, h = meta["model"].get("in_channels", 3), meta["model"]["image_size"]
+
+def _sample_share(job: _Job, todo: list[int], *, n: int, bs: int, seed: int, ddim: bool, eta: float, clip: bool,
+                  device: torch.device, parts: str | None, bar: str | None
+                  ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """Sample the global batches `todo`: each is saved to `parts` when given, else kept (returned by index).
+    `bar`: the description of a tqdm progress bar (None: no bar)."""
     it = todo
-    if ranks.is_main and not a.no_progress:
+    if bar is not None:
         from tqdm import tqdm
-        it = tqdm(todo, desc=f"sampling ({ranks.world} rank{'s' if ranks.world > 1 else ''})", unit="batch")
-    t0, made = time.time(), 0
+        it = tqdm(todo, desc=bar, unit="batch")
+    kept = {}
     for b in it:
         m = min(bs, n - b * bs)
-        imgs, ys = sample_batch(diffusion, net, (m, c, h, h), batch_seed(a.seed, b), num_classes=num_classes,
-                                labels=None if labels_all is None else labels_all[b * bs:b * bs + m],
-                                ddim=bool(a.ddim), eta=a.eta, clip=not a.no_clip, device=device)
-        atomic_save_npz(_part(parts, b), arr_0=imgs, **({"arr_1": ys} if ys is not None else {}))
-        made += m
+        imgs, ys = sample_batch(job.diffusion, job.net, (m, *job.shape), derive_seed(seed, b),
+                                num_classes=job.num_classes, ddim=ddim, eta=eta, clip=clip, device=device,
+                                labels=None if job.labels is None else job.labels[b * bs:b * bs + m])
+        if parts is None:
+            kept[b] = (imgs, ys)
+        else:
+            atomic_save_npz(_part(parts, b), arr_0=imgs, **({"arr_1": ys} if ys is not None else {}))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.time() - t0
-    stats = dist.all_gather_rows(torch.tensor([[made, len(mine) - len(todo), elapsed]], dtype=torch.float64))
-    dist.barrier()
-    if not ranks.is_main:
-        return None
+    return kept
+
+
+def _from_parts(parts: str, n: int, bs: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """All batches read back from `parts` in order -> (images [N, H, W, 3], labels [N] or None)."""
     xs, ys = [], []
-    for b in range(n_batches):
+    for b in range((n + bs - 1) // bs):
         part = _read_part(_part(parts, b), min(bs, n - b * bs))
         if part is None:
             raise UsageError(f"batch {b} is missing from {parts} after all ranks finished (shared file system?)")
         xs.append(part["arr_0"])
         if "arr_1" in part:
             ys.append(part["arr_1"])
-    out = {"arr_0": np.concatenate(xs)}
-    if ys:
-        out["arr_1"] = np.concatenate(ys)
-    atomic_save_npz(a.out, **out)
+    return np.concatenate(xs), (np.concatenate(ys) if ys else None)
+
+
+def _gathered(kept: dict[int, tuple[np.ndarray, np.ndarray | None]], job: _Job, n: int, bs: int, world: int
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every rank's in-memory batches, all-gathered in rank order and put back in batch order."""
+    c, h, w = job.shape
+    mine = sorted(kept)
+    x = np.concatenate([kept[b][0] for b in mine]) if mine else np.zeros((0, h, w, c), np.uint8)
+    x = gather_rows(torch.from_numpy(x)).numpy()
+    n_batches = (n + bs - 1) // bs
+    # Rank r holds batches r, r + world, ...: the image index of every gathered row, in gathered order.
+    where = np.concatenate([np.arange(b * bs, min(n, b * bs + bs))
+                            for r in range(world) for b in range(r, n_batches, world)])
+    images = np.empty_like(x)
+    images[where] = x
+    if job.num_classes is None:
+        return images, None
+    y = np.concatenate([kept[b][1] for b in mine]) if mine else np.zeros(0, np.int64)
+    labels = np.empty(n, np.int64)
+    labels[where] = gather_rows(torch.from_numpy(y)).numpy()
+    return images, labels
+
+
+def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str | None = None,
+           ddim: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
+           labels: str | np.ndarray | None = None, class_label: int | None = None, seed: int = 0,
+           clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
+           parts_dir: str | None = None, reuse: str | None = None) -> Samples | None:
+    """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
+
+    respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
+    classifier-free guidance (0 = off); labels: N integer labels (array or .npy/.npz path) or class_label: one
+    class for all (default: uniform random); seed: batch b uses derive_seed(seed, b); clip: clip predicted x_0
+    to [-1, 1]; device: default this rank's GPU, else CPU; threads: torch CPU threads.
+    parts_dir: each finished batch is saved there (atomically) and batches of an interrupted call with the same
+    settings are reused; it must be shared by all ranks. None: batches stay in memory and are all-gathered.
+    reuse: a finished output .npz (with its .json report beside it) of an earlier call; when its settings equal
+    this call's, its arrays are returned without sampling (`Samples.reused`).
+    With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
+    Returns `Samples` on rank 0 and None on the other ranks.
+    """
+    check_options(num_samples, batch_size, respace, ddim, eta, guidance_scale, labels, class_label)
+    ranks, dev = dist.init(device, threads)
+    job = _prepare(model, dev, num_samples=num_samples, batch_size=batch_size, respace=respace, ddim=ddim,
+                   eta=eta, guidance_scale=guidance_scale, labels=labels, class_label=class_label, seed=seed,
+                   clip=clip)
+    if reuse is not None and (done := _finished(reuse, job.settings)) is not None:
+        if not ranks.is_main:
+            return None
+        arrays = load_npz(reuse)
+        return Samples(arrays["arr_0"], arrays.get("arr_1"),
+                       {**done, "sampled_this_run": 0, "images_per_second": None}, reused=True)
+    if parts_dir is not None:
+        _claim_parts(parts_dir, job.settings, ranks)
+    n, bs = num_samples, batch_size
+    mine = list(range(ranks.rank, (n + bs - 1) // bs, ranks.world))
+    todo = [b for b in mine if parts_dir is None or _read_part(_part(parts_dir, b), min(bs, n - b * bs)) is None]
+    t0 = time.time()
+    kept = _sample_share(job, todo, n=n, bs=bs, seed=seed, ddim=bool(ddim), eta=eta, clip=clip, device=dev,
+                         parts=parts_dir,
+                         bar=f"sampling ({ranks.world} rank{'s' if ranks.world > 1 else ''})"
+                         if ranks.is_main and progress else None)
+    made = sum(min(bs, n - b * bs) for b in todo)
+    stats = gather_rows(torch.tensor([[made, len(mine) - len(todo), time.time() - t0]], dtype=torch.float64))
+    if parts_dir is None:
+        images, ys = _gathered(kept, job, n, bs, ranks.world)
+    else:
+        dist.barrier()
+        images, ys = _from_parts(parts_dir, n, bs) if ranks.is_main else (None, None)
+    if not ranks.is_main:
+        return None
     made_total, resumed, wall = int(stats[:, 0].sum()), int(stats[:, 1].sum()), float(stats[:, 2].max())
-    report = {"settings": settings, "out": os.path.abspath(a.out), "shape": list(out["arr_0"].shape),
-              "ranks": ranks.world, "device": str(device), "sampled_this_run": made_total,
-              "resumed_batches": resumed, "seconds": round(wall, 3),
+    report = {"settings": job.settings, "shape": list(images.shape), "ranks": ranks.world, "device": str(dev),
+              "sampled_this_run": made_total, "resumed_batches": resumed, "seconds": round(wall, 3),
               "images_per_second": round(made_total / wall, 3) if wall > 0 and made_total else None,
-              "model_steps_per_image": diffusion.num_timesteps * (2 if a.guidance_scale else 1)}
-    atomic_write_json(jpath, report)
-    shutil.rmtree(parts, ignore_errors=True)
-    return report
+              "model_steps_per_image": job.diffusion.num_timesteps * (2 if guidance_scale else 1)}
+    return Samples(images, ys, report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--model", required=True, help="exported weights (model.safetensors with model.json beside it)")
+# ------------------------------------------------------------------------------------------------ CLI
+
+def save(out: str, samples: Samples) -> None:
+    """OUT (arr_0 images, arr_1 labels when conditional) and OUT.json (report), atomically; OUT.parts/ removed."""
+    atomic_save_npz(out, arr_0=samples.images, **({"arr_1": samples.labels} if samples.labels is not None else {}))
+    atomic_write_json(os.path.splitext(out)[0] + ".json", {**samples.report, "out": os.path.abspath(out)})
+    shutil.rmtree(out + ".parts", ignore_errors=True)
+
+
+def build_parser() -> ArgumentParser:
+    p = inference_parser(PROG, __doc__)
     p.add_argument("--num-samples", type=int, required=True, help="total number of images N")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (global batches are split over ranks)")
-    p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 [N,H,W,3], arr_1 labels)")
+    p.add_argument("--out", required=True, help="output .npz file (arr_0 uint8 [N,H,W,3], arr_1 labels)")
     p.add_argument("--respace", default=None, help="respaced DDPM, e.g. 250, 100, 50 or '10,15,20' (default: full T)")
     p.add_argument("--ddim", type=int, default=None, help="DDIM with this many steps (respacing 'ddimN')")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -216,39 +324,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", default=None, help=".npy/.npz of N integer labels (default: uniform random)")
     p.add_argument("--class-label", type=int, default=None, help="sample only this class")
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: this rank's GPU, else CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    if not a.out.endswith(".npz"):
+        raise UsageError(f"--out {a.out}: the file name must end in .npz")
+    parts = a.out + ".parts"
     try:
-        if a.num_samples < 1 or a.batch_size < 1:
-            raise UsageError("--num-samples and --batch-size must be positive integers")
-        if a.ddim is not None and a.respace:
-            raise UsageError("--ddim N already sets the respacing ('ddimN'); drop --respace")
-        if a.ddim is not None and a.ddim < 1:
-            raise UsageError(f"--ddim {a.ddim}: the number of DDIM steps must be positive")
-        if a.eta < 0 or (a.eta and not a.ddim):
-            raise UsageError("--eta must be >= 0 and only applies with --ddim")
-        if a.guidance_scale < 0:
-            raise UsageError("--guidance-scale must be >= 0")
-        if a.labels and a.class_label is not None:
-            raise UsageError("give either --labels or --class-label, not both")
-        if not a.out.endswith(".npz"):
-            raise UsageError(f"--out {a.out}: the file name must end in .npz")
-        report = run(a)
-    except UsageError as e:
-        die(str(e), PROG)
+        s = sample(a.model, a.num_samples, batch_size=a.batch_size, respace=a.respace, ddim=a.ddim, eta=a.eta,
+                   guidance_scale=a.guidance_scale, labels=a.labels, class_label=a.class_label, seed=a.seed,
+                   clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, parts_dir=parts,
+                   reuse=None if os.path.isdir(parts) else a.out)
     finally:
         dist.shutdown()
-    if report is not None:
-        ips = report["images_per_second"]
-        print(f"wrote {report['out']} {tuple(report['shape'])}: {report['sampled_this_run']} images sampled on "
-              f"{report['ranks']} rank(s) in {report['seconds']:.1f} s"
-              + (f" ({ips:.2f} images/s)" if ips else "") + (f", {report['resumed_batches']} batches resumed"
-                                                            if report["resumed_batches"] else ""))
+    if s is None:
+        return 0
+    if not s.reused:
+        save(a.out, s)
+    r = {**s.report, "out": os.path.abspath(a.out)}
+    ips = r["images_per_second"]
+    print(f"wrote {r['out']} {tuple(r['shape'])}: {r['sampled_this_run']} images sampled on {r['ranks']} rank(s) "
+          f"in {r['seconds']:.1f} s" + (f" ({ips:.2f} images/s)" if ips else "")
+          + (f", {r['resumed_batches']} batches resumed" if r["resumed_batches"] else ""))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, PROG, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

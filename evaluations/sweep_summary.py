@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
-from evaluations.io import atomic_write, atomic_write_json, atomic_write_text
+from data.cli import ArgumentParser, UsageError, die
+from data.fsio import atomic_write, atomic_write_json, atomic_write_text
 
 PROG = "evaluations.sweep_summary"
 TRAIN_FLOPS_PER_FORWARD = 3
-
-
-class SummaryError(Exception):
-    """Bad input: one line for the user."""
-
-
-def die(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def find_runs(paths: list[str]) -> list[str]:
@@ -39,7 +29,7 @@ def find_runs(paths: list[str]) -> list[str]:
     runs: list[str] = []
     for p in paths:
         if not os.path.isdir(p):
-            raise SummaryError(f"{p} is not a directory; give a run directory or a sweep directory")
+            raise UsageError(f"{p} is not a directory; give a run directory or a sweep directory")
         if os.path.isdir(os.path.join(p, "checkpoints")):
             runs.append(os.path.abspath(p))
             continue
@@ -49,7 +39,7 @@ def find_runs(paths: list[str]) -> list[str]:
                 runs.append(os.path.abspath(child))
     runs = sorted(set(runs))
     if not runs:
-        raise SummaryError(f"no run directories (with checkpoints/) in {', '.join(paths)}")
+        raise UsageError(f"no run directories (with checkpoints/) in {', '.join(paths)}")
     return runs
 
 
@@ -60,7 +50,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as e:
-        raise SummaryError(f"{path} is not readable JSON ({e})") from None
+        raise UsageError(f"{path} is not readable JSON ({e})") from None
     return d if isinstance(d, dict) else None
 
 
@@ -87,13 +77,13 @@ def read_run(run_dir: str) -> dict[str, Any]:
 
     latest = os.path.join(run_dir, "checkpoints", "latest")
     if not os.path.isfile(latest):
-        raise SummaryError(f"{run_dir}: no checkpoints/latest (has the training run saved a checkpoint?)")
+        raise UsageError(f"{run_dir}: no checkpoints/latest (has the training run saved a checkpoint?)")
     with open(latest) as f:
         ckpt = os.path.join(run_dir, "checkpoints", f.read().strip())
     cfg = _read_json(os.path.join(ckpt, "config.json"))
     meta = _read_json(os.path.join(ckpt, "meta.json"))
     if cfg is None or meta is None:
-        raise SummaryError(f"{ckpt}: config.json or meta.json missing")
+        raise UsageError(f"{ckpt}: config.json or meta.json missing")
     mcfg = _model_config(cfg, meta)
     with torch.device("meta"):
         params = count_params(mcfg.build())
@@ -189,19 +179,19 @@ def summarize(paths: list[str], out_dir: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories and/or sweep directories holding run directories")
     p.add_argument("--out-dir", required=True, help="folder for scaling.md, scaling.json, scaling.csv, scaling.png")
     a = p.parse_args(argv)
     try:
         rows = summarize(a.paths, a.out_dir)
-    except (SummaryError, ValueError, KeyError) as e:
+    except (UsageError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        die(msg if not isinstance(e, KeyError) else f"a run's config.json lacks the key {msg}")
+        die(msg if not isinstance(e, KeyError) else f"a run's config.json lacks the key {msg}", PROG)
     print(markdown(rows), end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -69,6 +69,28 @@ def test_evaluate_standin_end_to_end(tmp_path, batches, capsys):
     assert [r["fid"] for r in rep2["batches"]] == [r["fid"] for r in rep["batches"]]
 
 
+def test_python_entry_point_returns_what_the_cli_writes(tmp_path, batches, capsys):
+    """evaluate(...) from Python returns the report that the CLI writes to metrics.json (timings aside)."""
+    torch.set_num_threads(1)
+    ref, same, shifted = batches
+    out = tmp_path / "out"
+    code, stdout, err = _run(["--reference", str(ref), str(same), str(shifted), "--out-dir", str(out),
+                              "--features", "standin", "--no-cache", "--no-progress", "--splits", "5"], capsys)
+    assert code == 0, err
+    rep = json.loads((out / "metrics.json").read_text())
+    r = ev.evaluate(str(ref), [str(same), str(shifted)], features="standin", splits=5, progress=False)
+
+    def untimed(report: dict) -> dict:
+        return {**{k: v for k, v in report.items() if k != "date"},
+                "batches": [{k: v for k, v in row.items() if k != "seconds"} for row in report["batches"]]}
+    assert untimed(r) == untimed(rep)
+    assert [row["name"] for row in r["batches"]] == ["ours", "other"] and r["batches"][0]["cached"] is False
+    assert ev.markdown(r).splitlines()[5:] == (out / "metrics.md").read_text().splitlines()[5:]
+    from data.cli import UsageError
+    with pytest.raises(UsageError, match="positive"):
+        ev.evaluate(str(ref), [str(same)], features="standin", k=0)
+
+
 def test_precomputed_reference_statistics_used_as_given(tmp_path, batches, capsys):
     ref, same, _ = batches
     rng = np.random.default_rng(5)
@@ -170,6 +192,6 @@ def test_inception_weights_loaded_without_pickle(tmp_path):
             return (os.system, ("true",))
     evil = tmp_path / "evil.pth"
     torch.save({"x": Evil()}, evil)
-    from evaluations.io import UsageError
+    from data.cli import UsageError
     with pytest.raises(UsageError, match="not a loadable"):
         InceptionExtractor(str(evil))

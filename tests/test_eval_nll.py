@@ -48,6 +48,7 @@ def _main(argv: list[str]) -> int:
 
 
 def test_nll_single_rank_against_direct_bound(setup, tmp_path):
+    from data.seeds import derive_seed
     from data.stream import EvalStream
     from diffusion import create_diffusion
     from trainer.export import load_exported
@@ -72,10 +73,34 @@ def test_nll_single_rank_against_direct_bound(setup, tmp_path):
     assert (out / "nll_terms.png").stat().st_size > 1000 and "NLL bound" in (out / "nll.md").read_text()
     # Same numbers straight from calc_bpd_loop with the same images and noise generator.
     x, y, _ = next(iter(EvalStream(val, 6)))
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([2, 0]).generate_state(1)[0]))
+    g = torch.Generator().manual_seed(derive_seed(2, 0))      # rank 0's forward-process noise
     direct = diffusion.calc_bpd_loop(model, x, model_kwargs={"y": y}, generator=g)
     assert np.allclose(per["total_bpd"], direct["total_bpd"].double().numpy(), rtol=1e-6)
     assert 0 < rep["bpd"] < 50 and rep["prior_bpd"] < 1e-3     # cosine schedule: prior term near 0
+
+
+def test_python_entry_point_returns_what_the_cli_writes(setup, tmp_path):
+    """nll(...) from Python gives the per-image numbers, L_t table and report that the CLI writes to DIR."""
+    from evaluations.nll import NLL, nll
+    model_path, val = setup
+    out = tmp_path / "cli"
+    assert _main(["--model", model_path, "--data", val, "--out-dir", str(out), "--respace", "3", "--num-images", "5",
+                  "--batch-size", "3", "--threads", "1", "--no-progress", "--seed", "4", "--no-clip"]) == 0
+    r = nll(model_path, val, respace="3", num_images=5, batch_size=3, seed=4, clip=False, threads=1, progress=False)
+    assert isinstance(r, NLL) and not (tmp_path / "nll.json").exists()
+    per = np.load(out / "per_image.npz")
+    assert r.index.dtype == np.int64 and r.index.tolist() == list(range(5))
+    for key in ("index", "total_bpd", "prior_bpd", "decoder_bpd"):
+        assert np.array_equal(getattr(r, key), per[key]), key
+    csv = np.loadtxt(out / "nll_terms.csv", delimiter=",", skiprows=1)
+    assert r.terms_bpd.shape == r.timesteps.shape == (3,)
+    assert r.timesteps.tolist() == csv[:, 1].astype(int).tolist()
+    assert np.allclose(r.terms_bpd, csv[:, 2], rtol=1e-7, atol=0)
+    rep = json.loads((out / "nll.json").read_text())
+    timing = ("seconds", "images_per_second", "date")
+    assert set(r.report) == set(rep) and rep["clip_denoised"] is False
+    assert {k: v for k, v in r.report.items() if k not in timing} == {k: v for k, v in rep.items() if k not in timing}
+    assert r.report["bpd"] == pytest.approx(r.total_bpd.mean(), rel=1e-12)
 
 
 @pytest.mark.distributed

@@ -83,6 +83,46 @@ def test_ddim_guidance_and_fixed_class(model_path, tmp_path):
     assert np.load(tmp_path / "l.npz")["arr_1"].tolist() == [1, 2, 3]
 
 
+def test_python_entry_point_returns_what_the_cli_writes(model_path, tmp_path):
+    """sample(...) from Python returns the arrays and report the CLI writes; parts_dir and reuse as the CLI uses them."""
+    from data.cli import UsageError
+    from evaluations.sample import Samples, sample
+    out = tmp_path / "cli.npz"
+    assert _main(_cmd(model_path, out, "--num-samples", "5", "--batch-size", "2", "--respace", "4", "--seed", "7",
+                      "--no-clip")[3:]) == 0
+    f, rep = np.load(out), json.loads((tmp_path / "cli.json").read_text())
+    kw = dict(batch_size=2, respace="4", seed=7, clip=False, threads=1, progress=False)
+    s = sample(model_path, 5, **kw)
+    assert isinstance(s, Samples) and not s.reused
+    assert s.images.dtype == np.uint8 and s.images.shape == (5, 16, 16, 3) and s.labels.dtype == np.int64
+    assert np.array_equal(s.images, f["arr_0"]) and np.array_equal(s.labels, f["arr_1"])
+    assert s.report["settings"] == rep["settings"] and rep["settings"]["clip_denoised"] is False
+    assert set(rep) == set(s.report) | {"out"} and s.report["shape"] == rep["shape"] == [5, 16, 16, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.json", "cli.npz"]    # in memory: nothing written
+    # A resume folder holds every batch and the settings; the result is the same.
+    parts = tmp_path / "parts"
+    p = sample(model_path, 5, parts_dir=str(parts), **kw)
+    assert np.array_equal(p.images, f["arr_0"]) and np.array_equal(p.labels, f["arr_1"])
+    assert sorted(x.name for x in parts.iterdir()) == [f"batch-{b:07d}.npz" for b in range(3)] + ["settings.json"]
+    again = sample(model_path, 5, parts_dir=str(parts), **kw)
+    assert again.report["resumed_batches"] == 3 and again.report["sampled_this_run"] == 0
+    # A finished output with the same settings is returned as it is, and the CLI then leaves its files alone.
+    r = sample(model_path, 5, reuse=str(out), **kw)
+    assert r.reused and r.report["sampled_this_run"] == 0 and np.array_equal(r.images, f["arr_0"])
+    before = (tmp_path / "cli.json").read_text()
+    assert _main(_cmd(model_path, out, "--num-samples", "5", "--batch-size", "2", "--respace", "4", "--seed", "7",
+                      "--no-clip")[3:]) == 0
+    assert (tmp_path / "cli.json").read_text() == before
+    assert not sample(model_path, 5, reuse=str(out), **{**kw, "seed": 8}).reused
+    # Labels as an array (Python only) and bad input as a UsageError.
+    assert sample(model_path, 3, ddim=2, labels=np.array([1, 2, 3]), threads=1, progress=False).labels.tolist() == \
+        [1, 2, 3]
+    with pytest.raises(UsageError, match="drop --respace"):
+        sample(model_path, 2, ddim=4, respace="10")
+    with pytest.raises(UsageError, match=r"labels must lie in \[0, 9\]"):
+        sample(model_path, 2, labels=np.array([3, 10]), progress=False)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num-samples", "2", "--ddim", "4", "--respace", "10"], "drop --respace"),
     (["--num-samples", "2", "--respace", "7x"], "respacing"),
@@ -131,6 +171,27 @@ def test_two_ranks_equal_one_rank_torchrun_env_and_mpiexec(model_path, tmp_path)
     assert m.returncode == 0, m.stderr
     assert np.array_equal(a["arr_0"], np.load(tmp_path / "mpi.npz")["arr_0"])
     assert json.loads((tmp_path / "mpi.json").read_text())["ranks"] == 2
+
+
+@pytest.mark.distributed
+def test_python_entry_point_two_ranks_in_memory(model_path, tmp_path):
+    """Without parts_dir the batches of two ranks are all-gathered (trainer.sync.gather_rows): same as one rank."""
+    from evaluations.sample import sample
+    kw = dict(batch_size=2, respace="4", seed=11, threads=1, progress=False)
+    one = sample(model_path, 9, **kw)
+    code = ("import sys, numpy as np\nfrom evaluations import dist\nfrom evaluations.sample import sample\n"
+            f"s = sample(sys.argv[1], 9, **{kw!r})\ndist.shutdown()\n"
+            "print('none' if s is None else np.savez(sys.argv[2], images=s.images, labels=s.labels) or 'saved')")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code, model_path, str(tmp_path / f"r{r}.npz")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port)) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o[0].strip() for o in outs] == ["saved", "none"] and not (tmp_path / "r1.npz").exists()
+    two = np.load(tmp_path / "r0.npz")
+    assert np.array_equal(two["images"], one.images) and np.array_equal(two["labels"], one.labels)
 
 
 @pytest.mark.slow
