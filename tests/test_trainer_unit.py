@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from trainer.config import RECIPES, TrainConfig, batch_layout, deepspeed_config, parse_config
+from data.cli import UsageError
+from trainer.config import RECIPES, TrainConfig, batch_layout, config_from_dict, deepspeed_config, parse_config
 from trainer.ema import EMA, Shard
-from trainer.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,21 +108,25 @@ def test_sharded_ema_assembles_full_tensors_on_rank0_over_gloo() -> None:
     torch.testing.assert_close(masters["u"], 3 * torch.arange(6.0).view(2, 3))
 
 
+def make_config(**optim) -> TrainConfig:
+    return config_from_dict({"data": {"source": "d"}, "run": {"run_dir": "r"}, "optim": optim})
+
+
 def test_batch_layout_and_errors() -> None:
-    c = TrainConfig(data="d", run_dir="r", global_batch=64, micro_batch=8)
+    c = make_config(global_batch=64, micro_batch=8)
     assert batch_layout(c, 2) == (8, 4)
-    assert batch_layout(TrainConfig(data="d", run_dir="r", global_batch=64), 4) == (16, 1)
+    assert batch_layout(make_config(global_batch=64), 4) == (16, 1)
     with pytest.raises(UsageError, match="not divisible by the 3 ranks"):
         batch_layout(c, 3)
     with pytest.raises(UsageError, match="not a multiple of --micro-batch 12"):
-        batch_layout(TrainConfig(data="d", run_dir="r", global_batch=64, micro_batch=12), 2)
+        batch_layout(make_config(global_batch=64, micro_batch=12), 2)
 
 
 def test_deepspeed_config_generation_and_override(tmp_path) -> None:
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}))
-    c = TrainConfig(data="d", run_dir="r", global_batch=32, micro_batch=4, precision="bf16", zero_stage=2,
-                    lr=3e-4, weight_decay=0.01, deepspeed_config=str(user))
+    c = make_config(global_batch=32, micro_batch=4, precision="bf16", zero_stage=2, lr=3e-4, weight_decay=0.01,
+                    deepspeed_config=str(user))
     ds = deepspeed_config(c, 2, on_gpu=False)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
@@ -135,17 +139,18 @@ def test_deepspeed_config_generation_and_override(tmp_path) -> None:
     assert "contiguous_gradients" not in gpu["zero_optimization"]
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.01
-    fp16 = deepspeed_config(TrainConfig(data="d", run_dir="r", precision="fp16"), 1)
+    fp16 = deepspeed_config(make_config(precision="fp16"), 1)
     assert fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
 
 
 def test_recipes_and_precedence(tmp_path) -> None:
     cfile = tmp_path / "c.json"
-    cfile.write_text(json.dumps({"lr": 5e-5, "total_steps": 7}))
+    cfile.write_text(json.dumps({"optim": {"lr": 5e-5, "total_steps": 7}}))
     c = parse_config(["--recipe", "imagenet64-vlb", "--config", str(cfile), "--total-steps", "9",
                       "--data", "x", "--run-dir", "y"])
-    assert (c.loss, c.timestep_sampler, c.model_size, c.diffusion_steps) == ("vlb", "loss-second-moment", "120M", 4000)
-    assert c.lr == 5e-5 and c.total_steps == 9  # recipe < config file < flags
+    assert (c.diffusion.loss, c.objective.options.timestep_sampler, c.model.size, c.diffusion.steps) == \
+        ("vlb", "loss-second-moment", "120M", 4000)
+    assert c.optim.lr == 5e-5 and c.optim.total_steps == 9  # recipe < config file < flags
     assert {"imagenet64-hybrid", "imagenet64-cond", "imagenet64-scale-270M", "digits-demo"} <= set(RECIPES)
     for name in RECIPES:  # every recipe is a valid configuration
         parse_config(["--recipe", name, "--data", "x", "--run-dir", "y"])
@@ -158,12 +163,18 @@ def test_fp16_refused_on_cpu() -> None:
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--model-size", "nope"], "unknown --model-size 'nope'"),
+    (["--model-size", "nope"], "model.size (--model-size): 'nope' is not one of 30M, 70M, 120M, 270M, tiny16"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--precision", "fp8"], "optim.precision (--precision): 'fp8' is not one of fp32, bf16, fp16"),
     (["--global-batch", "10", "--micro-batch", "3"], "not a multiple of --micro-batch 3"),
-    (["--ema", "1.5"], "--ema '1.5'"),
+    (["--ema", "1.5"], "optim.ema (--ema) '1.5'"),
     (["--recipe", "imagenet256"], "unknown recipe 'imagenet256'"),
+    (["--lr", "-1"], "optim.lr (--lr): -1.0 must be > 0.0"),
+    (["--total-steps", "2.5"], "optim.total_steps (--total-steps): '2.5' is not an integer"),
+    (["--label-dropout", "1"], "objective.iddpm.label_dropout (--label-dropout): 1.0 must be < 1.0"),
+    (["--timestep-sampler", "x"], "objective.iddpm.timestep_sampler (--timestep-sampler): 'x' is not one of uniform"),
+    (["--objective", "nope"], "objective.name (--objective) 'nope' is not one of iddpm"),
+    (["--adam-betas", "0.9"], "optim.adam_betas (--adam-betas): '0.9' is not a comma-separated pair"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args: list[str], msg: str) -> None:
     from trainer.main import main
@@ -173,6 +184,52 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args: list[str
         main(["--data", str(tmp_path / "missing.tar"), "--run-dir", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.parametrize("content, msg", [
+    ({"model": {"size": "nope"}}, "model.size (--model-size): 'nope' is not one of 30M"),
+    ({"optim": {"lrr": 1}}, "unknown setting optim.lrr; optim has adam_betas"),
+    ({"optim": {"zero_stage": 5}}, "optim.zero_stage (--zero-stage): 5 is not one of 0, 1, 2, 3"),
+    ({"data": {"flip": "maybe"}}, "data.flip (--flip): 'maybe' is not true or false"),
+    ({"objective": {"iddpm": {"label_dropout": -0.5}}}, "objective.iddpm.label_dropout (--label-dropout): -0.5 must"),
+    ({"diffusion": 3}, "section diffusion must be a JSON object"),
+])
+def test_bad_config_file_value_one_line_exit_2(tmp_path, monkeypatch, capsys, content: dict, msg: str) -> None:
+    """A bad value in a config file names the field, its flag and the allowed values, like a bad flag."""
+    from trainer.main import main
+    cfile = tmp_path / "c.json"
+    cfile.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as e:
+        main(["--data", "x", "--run-dir", str(tmp_path / "run"), "--config", str(cfile)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+
+
+def test_config_json_round_trip_reproduces_the_run(tmp_path) -> None:
+    """config.json of a run is the nested config; --config RUN/config.json gives the same configuration, and
+    frozen settings are field metadata (a changed one is reported by flag)."""
+    from trainer.config import frozen_changes
+    c = parse_config(["--recipe", "digits-demo", "--data", "x", "--run-dir", "y", "--lr", "3e-3", "--no-flip"])
+    assert c.to_dict()["objective"] == {"name": "iddpm", "sampler_sync": "torch",
+                                        "iddpm": {"label_dropout": 0.1, "timestep_sampler": "loss-second-moment"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(c.to_dict()))
+    again = parse_config(["--config", str(path)])
+    assert again.to_dict() == c.to_dict() and again.data.flip is False and again.optim.lr == 3e-3
+    other = parse_config(["--config", str(path), "--seed", "5", "--timestep-sampler", "uniform", "--lr", "1"])
+    assert frozen_changes(c.to_dict(), other) == ["--seed"]  # lr is not frozen; the objective's are checked next
+    assert frozen_changes(c.to_dict(), parse_config(["--config", str(path), "--timestep-sampler", "uniform"])) == \
+        ["--timestep-sampler"]
+
+
+def test_help_is_grouped_by_section() -> None:
+    from trainer.config import build_parser
+    text = build_parser().format_help()
+    for title in ("run:", "data:", "model (a diffusion.presets UNet plus overrides):", "diffusion process:",
+                  "objective:", "optimisation (DeepSpeed):", "checkpoints and preemption:",
+                  "logging and preview grids:", "objective iddpm:"):
+        assert "\n" + title + "\n" in text, title
+    assert "--model-size {30M,70M,120M,270M,tiny16,tiny32}" in text and "frozen on resume" in text
 
 
 def test_cli_missing_dataset_one_line_exit_2(tmp_path) -> None:

@@ -77,7 +77,8 @@ class DiffusionSection:
 
 @dataclass
 class ObjectiveSection:
-    name: str = option("iddpm", lambda: f"what is trained: {', '.join(_objectives())}, or package.module:Class",
+    name: str = option("iddpm", lambda: f"what is trained: {', '.join(_objectives())}, package.module:Class "
+                       "or path/to/file.py:Class",
                        frozen=True, flag="--objective", metavar="NAME")
     sampler_sync: str = option("torch", "all-gather of the objective's synced state (e.g. the loss-aware "
                                "sampler's losses) over torch.distributed (NCCL/gloo) or MPI",
@@ -210,8 +211,10 @@ def build_parser(objective_options: dict[str, type] | None = None) -> ArgumentPa
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     seen: dict[str, str] = {}
     configlib.add_flags(p, TrainConfig, TITLES, seen=seen)
-    options = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None}
-    options.update(objective_options or {})
+    extra = objective_options or {}
+    options = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None and v.Options not in
+               extra.values()}  # an imported objective's settings appear once, under the name it was given by
+    options.update(extra)
     for name, cls in options.items():
         configlib.add_flags(p, cls, {f"objective.{name}": f"objective {name}"}, f"objective.{name}", seen)
     p._objective_options = options  # type: ignore[attr-defined]
@@ -270,7 +273,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ns = parser.parse_args(argv)
     flags = configlib.flags_to_dict(ns, TrainConfig)
     for oname, ocls in parser._objective_options.items():  # type: ignore[attr-defined]
-        configlib.merge(flags, configlib.flags_to_dict(ns, ocls, f"objective.{oname}"))
+        configlib.merge(flags, configlib.flags_to_dict(ns, ocls, f"objective.{oname}", ["objective", oname]))
     merged = configlib.merge(configlib.merge(recipe, cfile), flags)
     cfg = config_from_dict(merged)
     validate(cfg)

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from trainer.errors import UsageError
+from data.cli import UsageError
 
 
 @dataclass(frozen=True)

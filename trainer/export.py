@@ -9,7 +9,6 @@ so export works from any ZeRO stage without DeepSpeed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,8 +16,8 @@ from typing import Any
 
 import torch
 
-from trainer.errors import UsageError, die
-from trainer.fsio import atomic_save_safetensors, atomic_write_json
+from data.cli import ArgumentParser, UsageError, run_cli
+from data.fsio import atomic_save_safetensors, atomic_write_json
 
 
 def json_path_for(path: str) -> str:
@@ -105,25 +104,26 @@ def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.export",
+    return run_cli(_main, "trainer.export", argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    p = ArgumentParser(prog="trainer.export",
                                 description="Export consolidated (EMA) weights of a training run to safetensors + JSON.")
     p.add_argument("run_dir", help="training run folder (its checkpoints/latest is used) or one checkpoint folder")
     p.add_argument("--ema", default=None,
                    help="EMA rate to export, e.g. 0.9999 (default: the run's first rate); 'model' for raw weights")
     p.add_argument("--out", default=None, help="output .safetensors path (default RUN_DIR/model_ema<rate>.safetensors)")
     a = p.parse_args(argv)
-    try:
-        if a.ema is None:
-            ckpt = resolve_checkpoint(a.run_dir)
-            with open(os.path.join(ckpt, "meta.json")) as f:
-                rates = json.load(f).get("ema_rates", [])
-            a.ema = str(rates[0]) if rates else "model"
-        out = a.out or os.path.join(a.run_dir, f"model_ema{a.ema}.safetensors")
-        if not out.endswith(".safetensors"):
-            raise UsageError(f"--out {out}: the file name must end in .safetensors")
-        w, j = export_run(a.run_dir, a.ema, out)
-    except UsageError as e:
-        die(str(e), "trainer.export")
+    if a.ema is None:
+        ckpt = resolve_checkpoint(a.run_dir)
+        with open(os.path.join(ckpt, "meta.json")) as f:
+            rates = json.load(f).get("ema_rates", [])
+        a.ema = str(rates[0]) if rates else "model"
+    out = a.out or os.path.join(a.run_dir, f"model_ema{a.ema}.safetensors")
+    if not out.endswith(".safetensors"):
+        raise UsageError(f"--out {out}: the file name must end in .safetensors")
+    w, j = export_run(a.run_dir, a.ema, out)
     print(f"wrote {w} and {j}")
     return 0
 

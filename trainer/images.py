@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from trainer.fsio import atomic_write
+from data.fsio import atomic_write
 
 
 def make_grid(x: torch.Tensor, ncol: int, pad: int = 1) -> np.ndarray:

@@ -17,14 +17,17 @@ accumulation, EMA, checkpoints, resume, preemption, logging; it asks the objecti
 - `preview(model, device, seed)`: a sample grid `(images [N, C, H, W] in [-1, 1], columns)` from a copy of the
   network holding EMA weights, or None.
 
-`--objective NAME` picks a registered objective; `--objective package.module:Class` imports one from elsewhere
-(the import registers it). An objective may declare its own settings as an `Options` dataclass of
+`--objective NAME` picks a registered objective; `--objective package.module:Class` or `--objective
+path/to/file.py:Class` imports one from elsewhere. An objective may declare its own settings as an `Options` dataclass of
 `trainer.configlib.option` fields: they get their own `--help` section and live under `objective.NAME` in
 `config.json`.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -94,14 +97,30 @@ def load_builtin_objectives() -> None:
     importlib.import_module("trainer.iddpm")
 
 
+def _import(module: str):
+    """An importable module name, or the path of a .py file (imported once under its own path)."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    path = os.path.abspath(module)
+    key = "iddpm_objective_" + path.replace(os.sep, "_").replace(".", "_")
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None or not os.path.isfile(path):
+            raise ImportError(f"no such file {path}")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
 def get_objective(name: str) -> type[Objective]:
-    """`NAME` (registered) or `package.module:Class` (imported) -> the objective class; UsageError otherwise."""
+    """`NAME` (registered), `package.module:Class` or `path/to/file.py:Class` (imported) -> the objective class;
+    UsageError otherwise."""
     load_builtin_objectives()
     if ":" in name:
-        module, attr = name.split(":", 1)
+        module, attr = name.rsplit(":", 1)
         try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
+            cls = getattr(_import(module), attr)
+        except (ImportError, AttributeError, OSError) as e:
             raise UsageError(f"objective.name (--objective) {name!r}: cannot import it ({e})") from None
         if not (isinstance(cls, type) and issubclass(cls, Objective)):
             raise UsageError(f"objective.name (--objective) {name!r} is not a trainer.objective.Objective")
