@@ -179,11 +179,17 @@ def validate(a: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ bare loop
 
 
+def train_config(preset: str, **optim: Any):
+    """The trainer's configuration for --model-size PRESET with default flags (plus optim overrides)."""
+    from trainer.config import config_from_dict
+    return config_from_dict({"model": {"size": preset}, "data": {"source": "x"}, "run": {"run_dir": "x"},
+                             "optim": optim})
+
+
 def model_cfg(preset: str) -> dict[str, Any]:
     """The model exactly as the trainer builds it for --model-size PRESET with default flags."""
-    from trainer.config import TrainConfig
-    from trainer.main import model_config_dict
-    return model_config_dict(TrainConfig(model_size=preset, data="x", run_dir="x"))
+    from trainer.iddpm import model_config_dict
+    return model_config_dict(train_config(preset))
 
 
 def bare_main(a: argparse.Namespace) -> None:
@@ -191,14 +197,14 @@ def bare_main(a: argparse.Namespace) -> None:
     import torch
     from diffusion import create_diffusion
     from diffusion.presets import create_model_from_config
-    from trainer.config import TrainConfig
+    from trainer.iddpm import diffusion_kwargs
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     mc = model_cfg(a.preset)
-    tc = TrainConfig(model_size=a.preset, data="x", run_dir="x")
+    tc = train_config(a.preset)
     torch.manual_seed(0)
     model = create_model_from_config(mc)
-    diffusion = create_diffusion(**tc.diffusion_kwargs())
+    diffusion = create_diffusion(**diffusion_kwargs(tc))
     bf16 = a._bare_precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     world = a._bare_world
@@ -211,7 +217,8 @@ def bare_main(a: argparse.Namespace) -> None:
         masters = [p.detach().float().clone().requires_grad_(True) for p in params]
     else:
         params = masters = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(masters, lr=tc.lr, betas=tc.adam_betas, eps=1e-8, weight_decay=tc.weight_decay, fused=True)
+    o = tc.optim
+    opt = torch.optim.AdamW(masters, lr=o.lr, betas=o.adam_betas, eps=1e-8, weight_decay=o.weight_decay, fused=True)
     if world > 1:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -232,7 +239,7 @@ def bare_main(a: argparse.Namespace) -> None:
             flat.div_(world)
             for gr, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 gr.copy_(v)
-        torch.nn.utils.clip_grad_norm_(masters, tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(masters, o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if bf16:
@@ -273,16 +280,17 @@ def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
     """The bare loop through the trainer's DeepSpeed engine and config; prints the same JSON line as bare_main."""
     import deepspeed
     import torch
-    from trainer.config import TrainConfig, deepspeed_config
+    from trainer.config import deepspeed_config
     world, rank = a._bare_world, a._bare_rank
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(a._bare_port))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    tc = TrainConfig(model_size=a.preset, data="x", run_dir="x", global_batch=a.batch * world, micro_batch=a.batch,
-                     precision=a._bare_precision, zero_stage=a._bare_zero)
+    tc = train_config(a.preset, global_batch=a.batch * world, micro_batch=a.batch, precision=a._bare_precision,
+                      zero_stage=a._bare_zero)
     if a._bare_zero == 3:
-        from trainer.main import mark_zero3_leaf_modules
-        mark_zero3_leaf_modules(model)  # as the trainer does
+        from deepspeed.utils import set_z3_leaf_modules
+        from diffusion.unet import UNetBlock
+        set_z3_leaf_modules(model, [UNetBlock], raise_if_not_found=False)  # as the trainer does
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(tc, world, on_gpu=False))
     if world == 1 and a._bare_zero == 0:

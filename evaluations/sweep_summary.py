@@ -55,18 +55,19 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _model_config(cfg: dict[str, Any], meta: dict[str, Any]):
-    """The ModelConfig the run trained (meta.json's model config, else rebuilt from the TrainConfig)."""
+    """The ModelConfig the run trained (meta.json's model config, else rebuilt from the nested config.json)."""
     from diffusion.presets import ModelConfig, get_config
 
-    model = meta.get("model") or meta.get("model_config")
+    model = meta.get("model")
     if isinstance(model, dict):
         return ModelConfig.from_dict(model)
+    section = cfg["model"]
     overrides: dict[str, Any] = {}
-    if cfg.get("image_size"):
-        overrides["image_size"] = int(cfg["image_size"])
-    if cfg.get("num_classes") is not None:
-        overrides["num_classes"] = int(cfg["num_classes"]) or None
-    return get_config(cfg["model_size"], **overrides)
+    if section.get("image_size"):
+        overrides["image_size"] = int(section["image_size"])
+    if section.get("num_classes") is not None:
+        overrides["num_classes"] = int(section["num_classes"]) or None
+    return get_config(section["size"], **overrides)
 
 
 def read_run(run_dir: str) -> dict[str, Any]:
@@ -89,13 +90,13 @@ def read_run(run_dir: str) -> dict[str, Any]:
         params = count_params(mcfg.build())
     fwd = forward_flops(mcfg)
     step = int(meta["step"])
-    batch = int(cfg["global_batch"])
+    batch = int(cfg["optim"]["global_batch"])
     metrics = _read_json(os.path.join(run_dir, "eval", "metrics.json")) or {}
     batches = metrics.get("batches") or [{}]
     nll = _read_json(os.path.join(run_dir, "nll", "nll.json")) or {}
-    return {"run": os.path.basename(run_dir), "path": run_dir, "preset": cfg.get("model_size"),
+    return {"run": os.path.basename(run_dir), "path": run_dir, "preset": cfg["model"].get("size"),
             "model_channels": mcfg.model_channels, "params": params, "forward_flops_per_image": fwd,
-            "lr": cfg.get("lr"), "global_batch": batch, "step": step,
+            "lr": cfg["optim"].get("lr"), "global_batch": batch, "step": step,
             "train_flops": TRAIN_FLOPS_PER_FORWARD * fwd * batch * step,
             "fid": batches[0].get("fid"), "features": metrics.get("features"), "nll_bpd": nll.get("bpd")}
 

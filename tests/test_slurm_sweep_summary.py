@@ -82,8 +82,8 @@ def _fake_run(root: Path, name: str, preset: str, step: int, batch: int, fid: fl
     ck = run / "checkpoints" / f"step_{step:08d}"
     ck.mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text(ck.name + "\n")
-    (ck / "config.json").write_text(json.dumps({"model_size": preset, "image_size": 16, "num_classes": 10,
-                                                "global_batch": batch, "lr": 2e-3}))
+    (ck / "config.json").write_text(json.dumps({"model": {"size": preset, "image_size": 16, "num_classes": 10},
+                                                "optim": {"global_batch": batch, "lr": 2e-3}}))
     model = get_config(preset, image_size=16).to_dict()
     (ck / "meta.json").write_text(json.dumps({"step": step, "model": model}))
     if fid is not None:

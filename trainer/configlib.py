@@ -26,7 +26,8 @@ from data.cli import UsageError
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any, help: str | Callable[[], str], *, unit: str = "", choices: Callable[[], typing.Iterable[Any]] | None = None,
+def option(default: Any, help: str | Callable[[], str], *, unit: str = "",
+           choices: Callable[[], typing.Iterable[Any]] | None = None,
            lower: float | None = None, upper: float | None = None, lower_open: bool = False,
            upper_open: bool = False, frozen: bool = False, flag: str | None = None,
            metavar: str | None = None) -> Any:

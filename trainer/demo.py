@@ -7,7 +7,6 @@ Re-running resumes (or, when finished, only reprints where to look).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -15,13 +14,15 @@ import subprocess
 import sys
 import time
 
+from data.cli import ArgumentParser
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", default="runs/demo")
+    p = ArgumentParser(prog="trainer.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", default="runs/demo", help="output folder (data/, checkpoints/, tb/, samples/)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed CPU ranks")
     p.add_argument("--steps", type=int, default=None, help="override the digits-demo recipe's total steps")
-    p.add_argument("--master-port", type=int, default=29517)
+    p.add_argument("--master-port", type=int, default=29517, help="port of the DeepSpeed launcher's rendezvous")
     a = p.parse_args(argv)
     if a.ranks < 1 or (a.steps is not None and a.steps < 1):
         p.error("--ranks and --steps must be positive")
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     data = os.path.join(a.run_dir, "data")
     manifest = os.path.join(data, "train-manifest.json")
     if not os.path.isfile(manifest):
-        subprocess.run([py, "-m", "data.prepare", "digits", "--out-dir", data, "--size", "16", "--no-progress"], check=True)
+        subprocess.run([py, "-m", "data.prepare", "digits", "--out-dir", data, "--size", "16", "--no-progress"],
+                       check=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
     cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(a.ranks), "--master_port", str(a.master_port),
            os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"),

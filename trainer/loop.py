@@ -234,9 +234,9 @@ class Trainer:
                     request_requeue(cfg.checkpoint.slurm_requeue)
                 return EXIT_PREEMPTED
         self._final_preview()
-        run_dir = cfg.run.run_dir
-        self._say(f"done, {self.step} steps. Checkpoints: {os.path.join(run_dir, 'checkpoints')}; samples: "
-                  f"{os.path.join(run_dir, 'samples')}; TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
+        out = cfg.run.run_dir
+        self._say(f"done, {self.step} steps. Checkpoints: {os.path.join(out, 'checkpoints')}; samples: "
+                  f"{os.path.join(out, 'samples')}; TensorBoard: tensorboard --logdir {os.path.join(out, 'tb')}")
         return 0
 
     def _say(self, msg: str, error: bool = False) -> None:

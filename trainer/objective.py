@@ -18,9 +18,9 @@ accumulation, EMA, checkpoints, resume, preemption, logging; it asks the objecti
   network holding EMA weights, or None.
 
 `--objective NAME` picks a registered objective; `--objective package.module:Class` or `--objective
-path/to/file.py:Class` imports one from elsewhere. An objective may declare its own settings as an `Options` dataclass of
-`trainer.configlib.option` fields: they get their own `--help` section and live under `objective.NAME` in
-`config.json`.
+path/to/file.py:Class` imports one from elsewhere. An objective may declare its own settings as an `Options`
+dataclass of `trainer.configlib.option` fields: they get their own `--help` section and live under
+`objective.NAME` in `config.json`.
 """
 from __future__ import annotations
 
