@@ -9,18 +9,21 @@ Writes ``DIR/NAME-000000.tar ...`` (``--shard-size`` samples each, keys = global
 ``DIR/NAME-manifest.json`` last, so a manifest means "complete". A shard appears only by an atomic rename, so
 re-running after a crash rewrites only the missing shards; a complete data set is never touched without
 ``--overwrite``.
+
+From Python, call the converters with the same settings as keyword arguments (``prepare_digits("shards/d16",
+size=16)``); they check their inputs as the CLI does and raise ``data.cli.UsageError`` / ``DataError``.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import glob
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from numbers import Real
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,6 +37,8 @@ from .shards import FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, parse_tar, shard_en
 PROG = "python -m data.prepare"
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+DIGITS_SIZES = (8, 16, 32, 64)
 
 
 # ----------------------------------------------------------------------------------------- image helpers
@@ -318,9 +323,70 @@ def _npz_header(path: str, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
         raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
 
 
-def prepare_npz_batches(args: argparse.Namespace) -> list[dict]:
-    """Downsampled-ImageNet batches: ``data`` uint8 [N, 3*S*S] channel-planar, ``labels`` 1..1000."""
-    files = list(args.inputs)
+# ------------------------------------------------------------------------------------- input checking
+def _is_int(x: object) -> bool:
+    """A Python int (not a bool, not a numpy integer: settings and manifests are JSON)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _raise_first(checks: Iterable[tuple[bool, str]]) -> None:
+    """UsageError with the message of the first (bad, message) pair whose ``bad`` is true."""
+    for bad, message in checks:
+        if bad:
+            raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """The settings every converter shares (the CLI's common flags): where and how the shards are written."""
+
+    out_dir: str
+    name: str = "train"  # NAME-000000.tar, NAME-manifest.json
+    shard_size: int = 1000  # samples per shard
+    workers: int = DEFAULT_WORKERS  # writer processes (0: in this process)
+    overwrite: bool = False  # delete and rebuild a complete data set
+    progress: bool = True  # progress bar on stderr
+
+    def checked(self, *extra: tuple[bool, str]) -> WriteOptions:
+        """These options (``out_dir`` as a str), or UsageError (one line naming the flag) for the first bad
+        value in the order: shard size, workers, the converter's own ``extra`` (bad, message) checks, name,
+        output folder."""
+        size, workers, name, out = self.shard_size, self.workers, self.name, self.out_dir
+        _raise_first([
+            (not _is_int(size) or size < 1, f"--shard-size must be >= 1, got {size!r}"),
+            (not _is_int(workers) or workers < 0, f"--workers must be >= 0, got {workers!r}"),
+            *extra,
+            (not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name),
+             f"--name may hold only letters, digits, '-', '_' and '.', got {name!r}"),
+            (not isinstance(out, (str, os.PathLike)), f"--out-dir must be a folder path, got {out!r}"),
+        ])
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out-dir {out} is a file; give a folder")
+        return replace(self, out_dir=os.fspath(out))
+
+    def dataset(self, total: int, image_size: tuple[int, int], num_classes: int, source: str, settings: dict,
+                class_names: list[str] | None = None) -> Dataset:
+        return Dataset(self.out_dir, self.name, total, self.shard_size, image_size, num_classes, source, settings,
+                       class_names)
+
+
+def _size_check(size: object, sizes: tuple[int, ...] | None = None) -> tuple[bool, str]:
+    """The --size check of the folder (any positive side) and digits (one of ``sizes``) converters."""
+    bad = not _is_int(size) or size < 1 or (sizes is not None and size not in sizes)  # type: ignore[operator]
+    return bad, f"--size must be positive (digits: 8, 16, 32 or 64), got {size!r}"
+
+
+# -------------------------------------------------------------------------------------------- converters
+def prepare_npz_batches(inputs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
+                        name: str = "train", shard_size: int = 1000, workers: int = DEFAULT_WORKERS,
+                        overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """Downsampled-ImageNet batches: ``data`` uint8 [N, 3*S*S] channel-planar, ``labels`` 1..1000.
+
+    ``inputs``: the batch files, in sample order. Returns ``[manifest]``.
+    """
+    files = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    opts = WriteOptions(out_dir, name, shard_size, workers, overwrite, progress).checked(
+        (not files, "npz-batches needs at least one input file"))
     sizes, side = [], None
     for f in files:  # headers only: validate all inputs before writing anything
         if not os.path.isfile(f):
@@ -336,11 +402,11 @@ def prepare_npz_batches(args: argparse.Namespace) -> list[dict]:
             raise DataError(f"{f}: images are {s} px but earlier batches are {side} px")
         side = s
         sizes.append(n)
-    ds = Dataset(args.out_dir, args.name, sum(sizes), args.shard_size, (side, side), 1000,
-                 "npz-batches: " + ", ".join(os.path.basename(f) for f in files),
-                 {"kind": "npz-batches", "inputs": [os.path.abspath(f) for f in files], "shard_size": args.shard_size})
-    check_out(ds, args.overwrite)
-    todo = set(_todo(ds))
+    ds = opts.dataset(sum(sizes), (side, side), 1000,
+                      "npz-batches: " + ", ".join(os.path.basename(f) for f in files),
+                      {"kind": "npz-batches", "inputs": [os.path.abspath(f) for f in files], "shard_size": shard_size})
+    check_out(ds, opts.overwrite)
+    todo = set(_todo(ds))  # after check_out: --overwrite deletes the old shards
 
     def chunks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         first = 0
@@ -358,42 +424,45 @@ def prepare_npz_batches(args: argparse.Namespace) -> list[dict]:
             yield first, imgs, labels
             first += n
 
-    return [write_dataset(ds, array_jobs(ds, chunks()), args.workers, args.progress)]
+    return [write_dataset(ds, array_jobs(ds, chunks()), opts.workers, opts.progress)]
 
 
-def prepare_npz(args: argparse.Namespace) -> list[dict]:
-    """Any npz of uint8 NHWC images (``arr_0``) with optional labels (``arr_1``)."""
-    z = _load_npz(args.input)
-    if args.images_key not in z.files:
-        raise DataError(f"{args.input} has no array {args.images_key!r} (found {z.files})")
-    imgs = z[args.images_key]
+def prepare_npz(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, images_key: str = "arr_0",
+                labels_key: str = "arr_1", labels: bool = True, num_classes: int = 0, name: str = "train",
+                shard_size: int = 1000, workers: int = DEFAULT_WORKERS, overwrite: bool = False,
+                progress: bool = True) -> list[dict]:
+    """Any npz of uint8 NHWC images (``images_key``) with optional labels (``labels_key``; ``labels=False``:
+    an unlabelled data set). ``num_classes`` 0: max label + 1. Returns ``[manifest]``."""
+    opts = WriteOptions(out_dir, name, shard_size, workers, overwrite, progress).checked(
+        (not _is_int(num_classes), f"--num-classes must be an integer, got {num_classes!r}"))
+    z = _load_npz(path)
+    if images_key not in z.files:
+        raise DataError(f"{path} has no array {images_key!r} (found {z.files})")
+    imgs = z[images_key]
     if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[3] not in (1, 3)):
-        raise DataError(f"{args.images_key} must be uint8 [N, H, W, 3] (or [N, H, W]), got {imgs.dtype} {imgs.shape}")
+        raise DataError(f"{images_key} must be uint8 [N, H, W, 3] (or [N, H, W]), got {imgs.dtype} {imgs.shape}")
     if imgs.ndim == 3:
         imgs = imgs[..., None]
     if imgs.shape[3] == 1:
         imgs = np.repeat(imgs, 3, axis=3)
-    labels, num_classes = None, 0
-    if args.labels_key in z.files and args.labels:
-        labels = np.asarray(z[args.labels_key]).reshape(-1)
-        if (len(labels) != len(imgs) or not np.issubdtype(labels.dtype, np.integer)
-                or (len(labels) and labels.min() < 0)):
-            raise DataError(f"{args.labels_key} must hold {len(imgs)} non-negative integers")
-        labels = labels.astype(np.int64)
-        num_classes = args.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
-        if len(labels) and labels.max() >= num_classes:
-            raise DataError(f"labels reach {labels.max()} but --num-classes is {num_classes}")
-    ds = Dataset(args.out_dir, args.name, len(imgs), args.shard_size, imgs.shape[1:3], num_classes,
-                 f"npz: {os.path.basename(args.input)}",
-                 {"kind": "npz", "input": os.path.abspath(args.input), "shard_size": args.shard_size,
-                  "labels": labels is not None})
-    check_out(ds, args.overwrite)
-    return [write_dataset(ds, array_jobs(ds, iter([(0, imgs, labels)])), args.workers, args.progress)]
+    labs, classes = None, 0
+    if labels_key in z.files and labels:
+        labs = np.asarray(z[labels_key]).reshape(-1)
+        if len(labs) != len(imgs) or not np.issubdtype(labs.dtype, np.integer) or (len(labs) and labs.min() < 0):
+            raise DataError(f"{labels_key} must hold {len(imgs)} non-negative integers")
+        labs = labs.astype(np.int64)
+        classes = num_classes or (int(labs.max()) + 1 if len(labs) else 0)
+        if len(labs) and labs.max() >= classes:
+            raise DataError(f"labels reach {labs.max()} but --num-classes is {classes}")
+    ds = opts.dataset(len(imgs), imgs.shape[1:3], classes, f"npz: {os.path.basename(path)}",
+                      {"kind": "npz", "input": os.path.abspath(path), "shard_size": shard_size,
+                       "labels": labs is not None})
+    check_out(ds, opts.overwrite)
+    return [write_dataset(ds, array_jobs(ds, iter([(0, imgs, labs)])), opts.workers, opts.progress)]
 
 
-def prepare_folder(args: argparse.Namespace) -> list[dict]:
-    """ImageNet-style tree ROOT/CLASS/*.JPEG -> centre crop + area resize; class index = sorted folder order."""
-    root = args.root
+def _class_files(root: str) -> tuple[list[str], list[str], list[int]]:
+    """ROOT/CLASS/**/image -> (sorted class folder names, image files in class then path order, class index)."""
     if not os.path.isdir(root):
         raise DataError(f"no such folder: {root}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -408,48 +477,68 @@ def prepare_folder(args: argparse.Namespace) -> list[dict]:
                     labels.append(c)
     if not files:
         raise DataError(f"no image files under {root}")
+    return classes, files, labels
+
+
+def prepare_folder(root: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, size: int = 64,
+                   resize: str = "area", shuffle_seed: int = 0, name: str = "train", shard_size: int = 1000,
+                   workers: int = DEFAULT_WORKERS, overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """ImageNet-style tree ROOT/CLASS/*.JPEG -> centre crop + resize (``resize``: "area" or "adm") to ``size``;
+    class index = sorted folder order; files shuffled with ``shuffle_seed`` (-1: keep order). Returns
+    ``[manifest]``."""
+    opts = WriteOptions(out_dir, name, shard_size, workers, overwrite, progress).checked(
+        _size_check(size),
+        (resize not in RESIZERS, f"--resize must be one of {', '.join(sorted(RESIZERS))}, got {resize!r}"),
+        (not _is_int(shuffle_seed), f"--shuffle-seed must be an integer (-1: keep order), got {shuffle_seed!r}"))
+    root = os.fspath(root)
+    classes, files, labels = _class_files(root)
     order = np.arange(len(files))
-    if args.shuffle_seed >= 0:  # mix classes across shards: a training block of a few shards sees many classes
-        order = derive_rng(args.shuffle_seed).permutation(len(files))
+    if shuffle_seed >= 0:  # mix classes across shards: a training block of a few shards sees many classes
+        order = derive_rng(shuffle_seed).permutation(len(files))
     files = [files[i] for i in order]
     labels_arr = np.asarray(labels, np.int64)[order]
-    ds = Dataset(args.out_dir, args.name, len(files), args.shard_size, (args.size, args.size), len(classes),
-                 f"folder: {os.path.abspath(root)} ({args.resize})",
-                 {"kind": "folder", "root": os.path.abspath(root), "shard_size": args.shard_size, "size": args.size,
-                  "resize": args.resize, "shuffle_seed": args.shuffle_seed, "files": len(files)},
-                 class_names=classes)
+    ds = opts.dataset(len(files), (size, size), len(classes), f"folder: {os.path.abspath(root)} ({resize})",
+                      {"kind": "folder", "root": os.path.abspath(root), "shard_size": shard_size, "size": size,
+                       "resize": resize, "shuffle_seed": shuffle_seed, "files": len(files)},
+                      class_names=classes)
     rel = [os.path.relpath(f, root) for f in files]
-    ds.extra_files = {f"{args.name}-classes.json": json.dumps({n: i for i, n in enumerate(classes)}, indent=1) + "\n",
-                      f"{args.name}-files.txt": "".join(f"{i:09d} {p}\n" for i, p in enumerate(rel))}
-    check_out(ds, args.overwrite)
-    S = args.shard_size
+    ds.extra_files = {f"{name}-classes.json": json.dumps({n: i for i, n in enumerate(classes)}, indent=1) + "\n",
+                      f"{name}-files.txt": "".join(f"{i:09d} {p}\n" for i, p in enumerate(rel))}
+    check_out(ds, opts.overwrite)
+    S = shard_size
     jobs = (Job(i, ds.shard_path(i), [f"{k:09d}" for k in range(i * S, min((i + 1) * S, len(files)))],
-                labels_arr[i * S:(i + 1) * S], files=files[i * S:(i + 1) * S], size=args.size, resize=args.resize)
+                labels_arr[i * S:(i + 1) * S], files=files[i * S:(i + 1) * S], size=size, resize=resize)
             for i in _todo(ds))
-    return [write_dataset(ds, jobs, args.workers, args.progress)]
+    return [write_dataset(ds, jobs, opts.workers, opts.progress)]
 
 
-def prepare_digits(args: argparse.Namespace) -> list[dict]:
-    """The bundled demo data: 1,797 real 8x8 digits, upscaled, split into ``train`` and ``val``."""
-    imgs, labels = digits_images(args.size)
-    perm = derive_rng(args.seed).permutation(len(imgs))
-    n_val = int(round(args.val_fraction * len(imgs)))
+def prepare_digits(out_dir: str | os.PathLike[str], *, size: int = 16, val_fraction: float = 0.2, seed: int = 0,
+                   shard_size: int = 1000, workers: int = DEFAULT_WORKERS, overwrite: bool = False,
+                   progress: bool = True) -> list[dict]:
+    """The bundled demo data: 1,797 real 8x8 digits, upscaled to ``size`` (8, 16, 32 or 64), split with ``seed``
+    into ``train`` and ``val`` (``val_fraction`` of them). Returns the manifests written (a split finished by an
+    earlier run is skipped)."""
+    opts = WriteOptions(out_dir, "train", shard_size, workers, overwrite, progress).checked(
+        _size_check(size, DIGITS_SIZES),
+        (not isinstance(val_fraction, Real) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1,
+         f"--val-fraction must be in (0, 1), got {val_fraction!r}"),
+        (not _is_int(seed) or seed < 0, f"--seed must be an integer >= 0, got {seed!r}"))
+    imgs, labels = digits_images(size)
+    perm = derive_rng(seed).permutation(len(imgs))
+    n_val = int(round(val_fraction * len(imgs)))
     splits = {"train": perm[n_val:], "val": perm[:n_val]}
+    settings = {"kind": "digits", "size": size, "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
+    source, class_names = f"scikit-learn digits, bicubic 8->{size} px, split seed {seed}", [str(d) for d in range(10)]
+    dss = [replace(opts, name=split).dataset(len(idx), (size, size), 10, source, settings, class_names)
+           for split, idx in splits.items()]
+    if not opts.overwrite and all(os.path.exists(ds.manifest_path) for ds in dss):
+        raise DataError(f"digits data set in {opts.out_dir} is complete: pass --overwrite to rebuild it")
     out = []
-    dss = []
-    for name, idx in splits.items():
-        ds = Dataset(args.out_dir, name, len(idx), args.shard_size, (args.size, args.size), 10,
-                     f"scikit-learn digits, bicubic 8->{args.size} px, split seed {args.seed}",
-                     {"kind": "digits", "size": args.size, "seed": args.seed, "val_fraction": args.val_fraction,
-                      "shard_size": args.shard_size}, class_names=[str(d) for d in range(10)])
-        dss.append(ds)
-    if not args.overwrite and all(os.path.exists(ds.manifest_path) for ds in dss):
-        raise DataError(f"digits data set in {args.out_dir} is complete: pass --overwrite to rebuild it")
     for ds, idx in zip(dss, splits.values()):
-        if os.path.exists(ds.manifest_path) and not args.overwrite:
+        if os.path.exists(ds.manifest_path) and not opts.overwrite:
             continue  # this split finished earlier
-        check_out(ds, args.overwrite)
-        out.append(write_dataset(ds, array_jobs(ds, iter([(0, imgs[idx], labels[idx])])), args.workers, args.progress))
+        check_out(ds, opts.overwrite)
+        out.append(write_dataset(ds, array_jobs(ds, iter([(0, imgs[idx], labels[idx])])), opts.workers, opts.progress))
     return out
 
 
@@ -468,7 +557,7 @@ def build_parser() -> ArgumentParser:
         if name:
             q.add_argument("--name", default="train", help="data set name: NAME-000000.tar, NAME-manifest.json")
         q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+        q.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help="writer processes (0: in this process)")
         flag(q, "--overwrite", False, "delete and rebuild a complete data set")
         flag(q, "--progress", True, "progress bar on stderr")
@@ -485,7 +574,7 @@ def build_parser() -> ArgumentParser:
     q.add_argument("--shuffle-seed", type=int, default=0, help="shuffle file order with this seed (-1: keep order)")
     common(q)
     q = sub.add_parser("npz", help="npz of uint8 NHWC images (arr_0) with optional labels (arr_1)")
-    q.add_argument("input")
+    q.add_argument("path", metavar="input")
     q.add_argument("--images-key", default="arr_0")
     q.add_argument("--labels-key", default="arr_1")
     flag(q, "--labels", True, "keep the labels array if present (--no-labels: an unlabelled data set)")
@@ -499,32 +588,15 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """UsageError (one line naming the flag) for values argparse cannot check by type alone."""
-    if args.shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if getattr(args, "size", 1) < 1 or (args.kind == "digits" and args.size not in (8, 16, 32, 64)):
-        raise UsageError(f"--size must be positive (digits: 8, 16, 32 or 64), got {args.size}")
-    if args.kind == "digits" and not 0 < args.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    name = getattr(args, "name", "x")
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise UsageError(f"--name may hold only letters, digits, '-', '_' and '.', got {name!r}")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} is a file; give a folder")
-
-
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
+    options = vars(build_parser().parse_args(argv))  # the flags' dest names are the converters' parameter names
+    kind = options.pop("kind")
     try:
-        manifests = RUNNERS[args.kind](args)
+        manifests = RUNNERS[kind](**options)  # checks its own inputs (UsageError / DataError)
     except OSError as e:  # disk full, permissions: not a usage error
         die(f"{type(e).__name__}: {e}", PROG, code=1)
     for m in manifests:
-        print(f"{os.path.join(args.out_dir, m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
+        print(f"{os.path.join(options['out_dir'], m['name'] + MANIFEST_SUFFIX)}: {m['total']} samples in "
               f"{len(m['shards'])} shards, {m['image_size'][0]}x{m['image_size'][1]}, {m['num_classes']} classes")
     return 0
 

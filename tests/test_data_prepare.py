@@ -265,3 +265,47 @@ def test_parallel_writers_give_identical_shards(tmp_path):
         ma = json.loads((a / f"{name}-manifest.json").read_text())
         mb = json.loads((b / f"{name}-manifest.json").read_text())
         assert ma["shards"] == mb["shards"] and len(ma["shards"]) == (5 if name == "train" else 2)
+
+
+def test_python_call_writes_the_same_shards_as_the_cli(tmp_path):
+    """prepare_digits(...) from Python == the CLI with the same settings (sha256 of every shard in the manifest)."""
+    from data.prepare import prepare_digits
+
+    settings = ["--size", "8", "--val-fraction", "0.25", "--seed", "5", "--shard-size", "400"]
+    assert run("digits", "--out-dir", str(tmp_path / "cli"), *settings) == 0
+    manifests = prepare_digits(tmp_path / "py", size=8, val_fraction=0.25, seed=5, shard_size=400, workers=0,
+                               progress=False)  # a pathlib.Path is fine too
+    assert [m["name"] for m in manifests] == ["train", "val"] and manifests[1]["total"] == 449
+    for m in manifests:
+        cli = json.loads((tmp_path / "cli" / f"{m['name']}-manifest.json").read_text())
+        on_disk = json.loads((tmp_path / "py" / f"{m['name']}-manifest.json").read_text())
+        assert on_disk == m
+        assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in cli["shards"]]
+        assert {k: v for k, v in m.items() if k != "created"} == {k: v for k, v in cli.items() if k != "created"}
+
+
+def test_python_call_with_bad_argument_raises_usage_error(tmp_path):
+    from data.cli import UsageError
+    from data.prepare import prepare_digits, prepare_folder, prepare_npz, prepare_npz_batches
+
+    out = tmp_path / "out"
+    np.savez(tmp_path / "s.npz", np.zeros((4, 4, 4, 3), np.uint8))
+    (tmp_path / "file").write_text("x")
+    calls = [
+        (lambda: prepare_digits(out, size=12), "--size must be positive (digits: 8, 16, 32 or 64), got 12"),
+        (lambda: prepare_digits(out, shard_size=0), "--shard-size must be >= 1, got 0"),
+        (lambda: prepare_digits(out, workers=-1), "--workers must be >= 0, got -1"),
+        (lambda: prepare_digits(out, val_fraction=1.0), "--val-fraction must be in (0, 1), got 1.0"),
+        (lambda: prepare_digits(out, seed=-1), "--seed must be an integer >= 0, got -1"),
+        (lambda: prepare_digits(tmp_path / "file"), "is a file; give a folder"),
+        (lambda: prepare_folder(tmp_path, out, resize="bicubic"), "--resize must be one of adm, area, got 'bicubic'"),
+        (lambda: prepare_folder(tmp_path, out, size=8.0), "--size must be positive"),
+        (lambda: prepare_npz(tmp_path / "s.npz", out, name="a/b"), "--name may hold only"),
+        (lambda: prepare_npz(tmp_path / "s.npz", out, shard_size="10"), "--shard-size must be >= 1, got '10'"),
+        (lambda: prepare_npz_batches([], out), "at least one input file"),
+    ]
+    for call, needle in calls:
+        with pytest.raises(UsageError) as e:
+            call()
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()  # checked before anything is written
