@@ -192,8 +192,9 @@ def test_sweep_array_trains_two_presets_and_writes_the_summary(slurm_cluster: Sl
     sweep = work["sweep_dir"]
     for preset, channels in (("tiny16", 32), ("tiny32", 32)):
         cfg = json.loads((sweep / preset / "checkpoints" / "step_00000004" / "config.json").read_text())
-        assert cfg["model_size"] == preset and cfg["total_steps"] == 4 and cfg["global_batch"] == 4
-        assert cfg["lr"] == pytest.approx(1e-4 / (channels / 128) ** 0.5)
+        optim = cfg["optim"]
+        assert cfg["model"]["size"] == preset and optim["total_steps"] == 4 and optim["global_batch"] == 4
+        assert optim["lr"] == pytest.approx(1e-4 / (channels / 128) ** 0.5)
         assert (sweep / preset / "eval" / "metrics.md").is_file()
         assert json.loads((sweep / preset / "nll" / "nll.json").read_text())["bpd"] > 0
     rows = json.loads((sweep / "summary" / "scaling.json").read_text())["rows"]

@@ -173,7 +173,7 @@ def test_fp16_refused_on_cpu() -> None:
     (["--total-steps", "2.5"], "optim.total_steps (--total-steps): '2.5' is not an integer"),
     (["--label-dropout", "1"], "objective.iddpm.label_dropout (--label-dropout): 1.0 must be < 1.0"),
     (["--timestep-sampler", "x"], "objective.iddpm.timestep_sampler (--timestep-sampler): 'x' is not one of uniform"),
-    (["--objective", "nope"], "objective.name (--objective) 'nope' is not one of iddpm"),
+    (["--objective", "nope"], "objective.name (--objective) 'nope' is not one of"),  # iddpm, and any registered
     (["--adam-betas", "0.9"], "optim.adam_betas (--adam-betas): '0.9' is not a comma-separated pair"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args: list[str], msg: str) -> None:
@@ -184,6 +184,8 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args: list[str
         main(["--data", str(tmp_path / "missing.tar"), "--run-dir", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+    if "--objective" in args:
+        assert "iddpm" in err[0] and "path/to/file.py:Class" in err[0]
 
 
 @pytest.mark.parametrize("content, msg", [

@@ -270,10 +270,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     name = _objective_name(argv, cfile, recipe)
     cls = get_objective(name)
     parser = build_parser({name: cls.Options} if cls.Options is not None else None)
-    ns = parser.parse_args(argv)
-    flags = configlib.flags_to_dict(ns, TrainConfig)
+    given = vars(parser.parse_args(argv))
+    flags = configlib.flags_to_dict(given, TrainConfig)
     for oname, ocls in parser._objective_options.items():  # type: ignore[attr-defined]
-        configlib.merge(flags, configlib.flags_to_dict(ns, ocls, f"objective.{oname}", ["objective", oname]))
+        configlib.merge(flags, configlib.flags_to_dict(given, ocls, f"objective.{oname}", ["objective", oname]))
     merged = configlib.merge(configlib.merge(recipe, cfile), flags)
     cfg = config_from_dict(merged)
     validate(cfg)

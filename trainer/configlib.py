@@ -267,15 +267,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, titles: dict[str, str]
                                            help=text)
 
 
-def flags_to_dict(ns: argparse.Namespace, cls: type, section: str = "", nest: list[str] | None = None
+def flags_to_dict(given: dict[str, Any], cls: type, section: str = "", nest: list[str] | None = None
                   ) -> dict[str, Any]:
-    """The flags given on the command line as a nested dict (raw strings; `from_dict` converts and checks).
-    `nest` places a flat section's values (default: the dotted section path)."""
+    """The flags given on the command line (`vars()` of argparse's result) as a nested dict (raw strings;
+    `from_dict` converts and checks). `nest` places a flat section's values (default: the dotted section path)."""
     out: dict[str, Any] = {}
     for s in settings(cls, section):
-        if hasattr(ns, s.dest):
+        if s.dest in given:
             node = out
             for part in nest if nest is not None else (s.section.split(".") if s.section else []):
                 node = node.setdefault(part, {})
-            node[s.name] = getattr(ns, s.dest)
+            node[s.name] = given[s.dest]
     return out

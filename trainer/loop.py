@@ -88,7 +88,11 @@ class Trainer:
                                  f"{MPI.COMM_WORLD.size} ranks, the job has {self.world}); use --sampler-sync torch")
         if not self.resume_from:
             return
-        changed = frozen_changes(read_json(self.resume_from, "config.json"), self.cfg)
+        saved = read_json(self.resume_from, "config.json")
+        if not isinstance(saved.get("objective"), dict):
+            raise UsageError(f"{self.resume_from} was written by an older trainer (flat config.json); start a new "
+                             f"--run-dir (its weights export with python -m trainer.export)")
+        changed = frozen_changes(saved, self.cfg)
         if changed:
             raise UsageError(f"{self.cfg.run.run_dir} holds a run with other {', '.join(changed)}; use a new "
                              f"--run-dir or the same settings (see {self.resume_from}/config.json)")

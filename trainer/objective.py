@@ -127,5 +127,5 @@ def get_objective(name: str) -> type[Objective]:
         return cls
     if name not in OBJECTIVES:
         raise UsageError(f"objective.name (--objective) {name!r} is not one of {', '.join(OBJECTIVES)} "
-                         f"(or give package.module:Class)")
+                         f"(or give package.module:Class or path/to/file.py:Class)")
     return OBJECTIVES[name]
