@@ -22,7 +22,7 @@ from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401 (fixtu
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 8
+STEPS = 12  # enough steps after the first checkpoint for the signal to arrive mid-run
 # CPU-sized trainer flags shared by all jobs: tiny 16 px model, 100 diffusion steps, tiny sample grids.
 # EMA 0.5 so that the exported (EMA) weights move away from the zero-initialised output layer in a few steps.
 TINY = ("--ema 0.5 --global-batch 4 --log-every 1 --diffusion-steps 100 --sample-grid 2 --sample-respacing 10 "
@@ -125,7 +125,7 @@ def test_two_node_training_preempted_by_usr1_requeues_and_finishes_without_lost_
                                         f"processes:\n{slurm_cluster.processes()}")
         rec = slurm_cluster.job(job)[0]
         assert rec["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()
-        time.sleep(1)
+        time.sleep(0.1)
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])
     rec = slurm_cluster.wait(job, timeout=420, release_requeued=True)[0]
     log = out.read_text()

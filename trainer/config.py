@@ -188,11 +188,8 @@ for _size in ("30M", "70M", "120M", "270M"):  # the model-size sweep (hybrid los
 # ------------------------------------------------------------------------------------- parsing
 
 
-def _objective_name(argv: list[str] | None, cfile: dict[str, Any], recipe: dict[str, Any]) -> str:
+def _objective_name(given: str | None, cfile: dict[str, Any], recipe: dict[str, Any]) -> str:
     """--objective from the flags, else the config file, else the recipe, else the default."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--objective")
-    given = pre.parse_known_args(argv)[0].objective
     for src in (cfile, recipe):
         given = given or (src.get("objective") or {}).get("name")
     return given or ObjectiveSection.name
@@ -257,9 +254,9 @@ def config_from_dict(d: dict[str, Any], where: str = "") -> TrainConfig:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags (+ recipe + config file) -> validated TrainConfig (world-size checks happen later)."""
     from trainer.objective import get_objective
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe")
-    pre.add_argument("--config")
+    pre = argparse.ArgumentParser(add_help=False)  # what decides the rest: recipe, config file, objective
+    for name in ("--recipe", "--config", "--objective"):
+        pre.add_argument(name)
     known = pre.parse_known_args(argv)[0]
     recipe = {}
     if known.recipe:
@@ -267,7 +264,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             raise UsageError(f"unknown recipe {known.recipe!r}; choose one of {', '.join(RECIPES)}")
         recipe = configlib.merge(json.loads(json.dumps(RECIPES[known.recipe])), {"run": {"recipe": known.recipe}})
     cfile = load_json(known.config, "--config") if known.config else {}
-    name = _objective_name(argv, cfile, recipe)
+    name = _objective_name(known.objective, cfile, recipe)
     cls = get_objective(name)
     parser = build_parser({name: cls.Options} if cls.Options is not None else None)
     given = vars(parser.parse_args(argv))

@@ -76,7 +76,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.optim.precision]
         self.metrics, self.stop = MetricSums(), Preemption()
         self.writer = self._open_writer() if self.rank == 0 else None
-        self.grad_norm = float("nan")
+        self.grad_norm, self.wait = float("nan"), 0.0  # wait: seconds spent waiting for data in this step
         self._reset_timers(time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ set-up
