@@ -66,15 +66,29 @@ def param_shapes(module: torch.nn.Module) -> list[tuple[str, torch.Size]]:
             for k, p in module.named_parameters() if p.requires_grad]
 
 
-class EMA:
-    """fp32 EMAs of this rank's master shards, `shadow[rate][i]` for `shards[i]`.
+PHEMA_PREFIX = "phema_"  # profile name of a power-function EMA: phema_<sigma_rel>
 
+
+def power_gamma(profile: str) -> float | None:
+    """The exponent of a power-function profile name (`phema_0.05` -> gamma for sigma_rel 0.05), else None."""
+    if not profile.startswith(PHEMA_PREFIX):
+        return None
+    from trainer.phema import sigma_rel_to_gamma
+    return sigma_rel_to_gamma(float(profile[len(PHEMA_PREFIX):]))
+
+
+class EMA:
+    """fp32 EMAs of this rank's master shards, `shadow[profile][i]` for `shards[i]`.
+
+    A profile is a classic rate (`"0.9999"`: ema <- r ema + (1 - r) theta every step) or a power-function EMA
+    (`"phema_0.05"`, EDM2: r = (1 - 1/t)^(gamma + 1) at step t, gamma set by the relative std 0.05).
     `names`: every parameter (name, full shape) in model order, identical on all ranks (`param_shapes`); `device`:
     where the assembling all-reduce runs (the engine's device, for NCCL)."""
 
     def __init__(self, rates: list[str], shards: list[Shard], sharded: bool, names: list[tuple[str, torch.Size]],
                  device: torch.device | str = "cpu"):
         self.rates = list(rates)
+        self.gammas = {r: power_gamma(r) for r in self.rates}
         self.shards = shards
         self.sharded = sharded
         self.names = list(names)
@@ -103,14 +117,24 @@ class EMA:
     def _masters(self) -> list[torch.Tensor]:
         return [s.master.detach() if s.master.dtype == torch.float32 else s.master.detach().float() for s in self.shards]
 
+    def rate(self, profile: str, step: int) -> float:
+        """The averaging rate of `profile` at optimizer step `step` (1 for the first step taken)."""
+        gamma = self.gammas[profile]
+        if gamma is None:
+            return float(profile)
+        if step < 1:
+            raise ValueError(f"EMA profile {profile} needs the 1-based optimizer step, got {step}")
+        return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA step toward the current masters (local, no communication)."""
+    def update(self, step: int = 0) -> None:
+        """One EMA step toward the current masters after optimizer step `step` (1-based; needed by power-function
+        profiles only). Local: no communication."""
         if not self.shards:
             return
         src = self._masters()
         for r in self.rates:
-            torch._foreach_lerp_(self.shadow[r], src, 1.0 - float(r))  # ema += (1 - rate) * (theta - ema)
+            torch._foreach_lerp_(self.shadow[r], src, 1.0 - self.rate(r, step))  # ema += (1 - rate) (theta - ema)
 
     @torch.no_grad()
     def full_state_dict(self, rate: str) -> dict[str, torch.Tensor] | None:
