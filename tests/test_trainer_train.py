@@ -87,11 +87,19 @@ def weights(run_dir: str) -> dict[str, torch.Tensor]:
     """Final model, EMA and sampler tensors of a run's latest checkpoint, keyed by file/name."""
     ck = os.path.join(run_dir, "checkpoints")
     folder = os.path.join(ck, open(os.path.join(ck, "latest")).read().strip())
+    phema = sorted(f[:-12] for f in os.listdir(folder) if f.startswith("ema_phema_"))
     out = {}
-    for f in ("model", "ema_0.9", "ema_0.5", "objective"):
+    for f in ("model", "ema_0.9", "ema_0.5", "objective", *phema):
         for k, v in load_file(os.path.join(folder, f + ".safetensors")).items():
             out[f"{f}/{k}"] = v
     return out
+
+
+def snapshots(run_dir: str) -> dict[str, torch.Tensor]:
+    """Every post-hoc EMA snapshot of a run, keyed by file/tensor."""
+    folder = os.path.join(run_dir, "phema")
+    return {f"{f}/{k}": v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+            for k, v in load_file(os.path.join(folder, f)).items()}
 
 
 def test_zero1_deepspeed_launcher_tensorboard_and_export(digits, tmp_path) -> None:
@@ -239,8 +247,9 @@ def test_zero2_signal_preempts_all_ranks_and_resumes(digits, tmp_path, procs_cle
 
 def test_exact_resume_after_kill9_one_rank(digits, tmp_path, procs_cleanup) -> None:
     """N steps straight vs kill -9 right after the checkpoint of step 4 is published, then resume: identical
-    weights, EMA and sampler (1 rank, fp32, CPU)."""
-    args = ["--data", digits, *BASE, "--total-steps", "12", "--save-every", "4"]
+    weights, EMAs (power-function ones and their snapshots included) and sampler (1 rank, fp32, CPU)."""
+    args = ["--data", digits, *BASE, "--total-steps", "12", "--save-every", "4", "--phema", "0.05,0.1",
+            "--phema-every", "24"]  # a snapshot every 3 steps of 8 images
     ref = str(tmp_path / "ref")
     r = run([sys.executable, "-m", "trainer.main", *args, "--run-dir", ref])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -260,6 +269,49 @@ def test_exact_resume_after_kill9_one_rank(digits, tmp_path, procs_cleanup) -> N
     r = run([sys.executable, "-m", "trainer.main", *args, "--run-dir", run_dir])
     assert r.returncode == 0 and f"resuming at step {saved}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     a, b = weights(ref), weights(run_dir)
+    assert a.keys() == b.keys() and {"ema_phema_0.05", "ema_phema_0.1"} <= {k.split("/")[0] for k in a}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    a, b = snapshots(ref), snapshots(run_dir)  # the power-function EMAs continue exactly across the kill
+    assert {k.split("/")[0] for k in a} == {f"snapshot_{s:08d}.safetensors" for s in (3, 6, 9, 12)}
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_phema_sharded_tracking_closed_form_and_snapshots(digits, tmp_path, procs_cleanup) -> None:
+    """Power-function EMAs on two srun-style ranks: unsharded (fp32 ZeRO-0: rank 0 holds them whole), and sharded
+    at ZeRO-2 and ZeRO-3. After two steps each obeys its closed form (rate 0 at step 1, (1/2)^(gamma+1) at step 2,
+    with the unseen step-1 weights solved from the classic EMA as in check_two_step_ema); the three runs give the
+    same fp32 EMAs (<= 1e-6) and their per-step snapshots equal the checkpointed EMAs rounded to fp16."""
+    from trainer.phema import sigma_rel_to_gamma
+    runs = {}
+    for zero in (0, 2, 3):
+        run_dir, log = str(tmp_path / f"z{zero}"), str(tmp_path / f"z{zero}.log")
+        args = ["--data", digits, *BASE, "--zero-stage", str(zero), "--total-steps", "2", "--run-dir", run_dir,
+                "--phema", "0.05,0.2", "--phema-every", "8"]
+        assert run_srun_like(args, log, procs_cleanup) == [0, 0], tail(f"{log}.0") + tail(f"{log}.1")
+        runs[zero] = weights(run_dir)
+        snaps = snapshots(run_dir)
+        assert {k.split("/")[0] for k in snaps} == {"snapshot_00000001.safetensors", "snapshot_00000002.safetensors"}
+        for key, v in snaps.items():
+            if key.startswith("snapshot_00000002"):
+                sigma, name = key.split("/", 2)[1:]
+                assert v.dtype == torch.float16 and torch.equal(v, runs[zero][f"ema_phema_{sigma}/{name}"].half()), key
+    for zero in (2, 3):
+        for k, v in runs[0].items():
+            torch.testing.assert_close(runs[zero][k], v, rtol=0, atol=1e-6, msg=f"ZeRO-{zero} {k}")
+
+    w, a = runs[2], 0.9
+    import json
+    from diffusion.presets import create_model_from_config
+    meta = json.load(open(os.path.join(str(tmp_path / "z2"), "checkpoints", "step_00000002", "meta.json")))
+    torch.manual_seed(3)
+    p0 = dict(create_model_from_config(meta["model"]).named_parameters())
+    for sigma in ("0.05", "0.2"):
+        beta = 0.5 ** (sigma_rel_to_gamma(float(sigma)) + 1)
+        for k in p0:
+            p2 = w[f"model/{k}"].double()
+            p1 = (w[f"ema_{a}/{k}"].double() - a * a * p0[k].detach().double() - (1 - a) * p2) / (a * (1 - a))
+            torch.testing.assert_close(w[f"ema_phema_{sigma}/{k}"].double(), beta * p1 + (1 - beta) * p2,
+                                       rtol=0, atol=2e-5, msg=f"{sigma} {k}")

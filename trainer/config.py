@@ -101,6 +101,12 @@ class OptimSection:
                             choices=lambda: ("fp32", "bf16", "fp16"))
     zero_stage: int = option(0, "DeepSpeed ZeRO stage", choices=lambda: (0, 1, 2, 3))
     ema: str = option("0.9999", "comma-separated EMA rates kept in fp32", frozen=True, metavar="RATES")
+    phema: str = option("", "post-hoc EMA: relative stds (sigma_rel) of the power-function EMAs tracked for "
+                        "reconstruction after training (EDM2), e.g. 0.05,0.10; empty = off", frozen=True,
+                        metavar="SIGMA_RELS")
+    phema_every: int = option(0, "snapshot interval of the power-function EMAs (0 = with every checkpoint)",
+                              unit="images", lower=0)
+    phema_dtype: str = option("fp16", "precision of the post-hoc EMA snapshots", choices=lambda: ("fp16", "bf16"))
     deepspeed_config: str = option("", "DeepSpeed JSON merged over the generated config", metavar="FILE")
     nonfinite_patience: int = option(20, "consecutive non-finite-loss steps before stopping", unit="steps",
                                      lower=1)
@@ -135,7 +141,17 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
 
     def ema_rates(self) -> list[str]:
+        """The classic EMA rates, e.g. ["0.9999"]."""
         return [r.strip() for r in self.optim.ema.split(",") if r.strip()]
+
+    def phema_sigmas(self) -> list[str]:
+        """The relative stds of the tracked power-function EMAs, e.g. ["0.05", "0.10"]."""
+        return [r.strip() for r in self.optim.phema.split(",") if r.strip()]
+
+    def ema_profiles(self) -> list[str]:
+        """Every EMA the trainer keeps: the classic rates, then `phema_<sigma_rel>` for each power-function EMA."""
+        from trainer.ema import PHEMA_PREFIX
+        return self.ema_rates() + [PHEMA_PREFIX + s for s in self.phema_sigmas()]
 
     def to_dict(self) -> dict[str, Any]:
         """The nested config as JSON (`config.json`); the objective's options sit under objective.NAME."""
@@ -293,6 +309,15 @@ def validate(c: TrainConfig) -> None:
                          f"e.g. 0.9999,0.9995") from None
     if len(set(float(r) for r in rates)) != len(rates):
         raise UsageError(f"optim.ema (--ema) {c.optim.ema!r}: rates repeat")
+    sigmas = c.phema_sigmas()
+    if sigmas:
+        from trainer.phema import check_sigma_rel
+        try:
+            values = [check_sigma_rel(s) for s in sigmas]
+        except UsageError as e:
+            raise UsageError(f"optim.phema (--phema) {c.optim.phema!r}: {e}") from None
+        if len(set(values)) != len(values):
+            raise UsageError(f"optim.phema (--phema) {c.optim.phema!r}: relative stds repeat")
     if c.optim.precision == "fp16":
         import torch
         if not torch.cuda.is_available():

@@ -80,8 +80,16 @@ def resolve_checkpoint(run_dir: str) -> str:
     return path
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
-    """Export EMA rate `ema` (or "model") from the latest checkpoint of `run_dir` to `out`."""
+    """Export EMA `ema` (a rate such as 0.9999, a tracked power-function EMA such as phema_0.05, or "model") from
+    the latest checkpoint of `run_dir` to `out`."""
     from safetensors.torch import load_file
     ckpt = resolve_checkpoint(run_dir)
     with open(os.path.join(ckpt, "meta.json")) as f:
@@ -91,8 +99,8 @@ def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
         src = os.path.join(ckpt, "model.safetensors")
     else:
         try:
-            key = next(r for r in rates if float(r) == float(ema))
-        except (StopIteration, ValueError):
+            key = next(r for r in rates if r == ema or (_number(r) is not None and _number(r) == _number(ema)))
+        except StopIteration:
             raise UsageError(f"--ema {ema}: this run keeps EMA rates {','.join(rates) or '(none)'}; "
                              f"pick one of them or 'model'") from None
         src = os.path.join(ckpt, f"ema_{key}.safetensors")
@@ -112,7 +120,8 @@ def _main(argv: list[str] | None) -> int:
                                 description="Export consolidated (EMA) weights of a training run to safetensors + JSON.")
     p.add_argument("run_dir", help="training run folder (its checkpoints/latest is used) or one checkpoint folder")
     p.add_argument("--ema", default=None,
-                   help="EMA rate to export, e.g. 0.9999 (default: the run's first rate); 'model' for raw weights")
+                   help="EMA to export: a rate, e.g. 0.9999 (default: the run's first), a tracked power-function EMA "
+                        "(phema_0.05), or 'model' for the raw weights")
     p.add_argument("--out", default=None, help="output .safetensors path (default RUN_DIR/model_ema<rate>.safetensors)")
     a = p.parse_args(argv)
     if a.ema is None:

@@ -30,10 +30,11 @@ from trainer import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.checkpoint import Checkpointer, read_json
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, frozen_changes
 from trainer.dist import Launch, init
-from trainer.ema import EMA, local_master_shards, param_shapes
+from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
 from trainer.images import save_grid
 from trainer.metrics import MetricSums, reduce_metrics
 from trainer.objective import Objective, get_objective
+from trainer.phema import write_snapshot
 from trainer.preemption import Preemption, request_requeue
 from trainer.sync import mpi_all_gather, torch_all_gather
 
@@ -67,7 +68,7 @@ class Trainer:
         # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed
         # re-links its fragments)
         shards, sharded = local_master_shards(self.engine, self.rank, self.world)
-        self.ema = EMA(cfg.ema_rates(), shards, sharded, param_shapes(self.engine.module), self.device)
+        self.ema = EMA(cfg.ema_profiles(), shards, sharded, param_shapes(self.engine.module), self.device)
         self.ema.check_coverage()
         self.step = self.start_step = 0
         if self.resume_from:
@@ -168,7 +169,7 @@ class Trainer:
             finite &= bool(torch.isfinite(loss.detach()).all())
             self.metrics.add({"loss": loss.detach(), **metrics})
         preempted, nonfinite = self._sync(finite)
-        self.ema.update()  # local: this rank's shards of the fp32 masters, no communication
+        self.ema.update(self.step + 1)  # local: this rank's shards of the fp32 masters, no communication
         self.step += 1
         return preempted, nonfinite
 
@@ -230,6 +231,8 @@ class Trainer:
                 self.save()
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != cfg.optim.total_steps:
                 self.preview()
+            if self._snapshot_due(preempted):
+                self.snapshot()
             self.t_log += time.perf_counter() - t_aside
             if preempted:
                 self._say(f"preemption signal received; saved step {self.step}; exiting {EXIT_PREEMPTED} "
@@ -280,17 +283,41 @@ class Trainer:
     def save(self) -> str:
         """Collective: a checkpoint of every component at the current step."""
         meta = {"objective": self.cfg.objective.name, **self.objective.export_config(),
-                "ema_rates": self.cfg.ema_rates()}
+                "ema_rates": self.ema.rates}
         return self.ckpt.save(self.step, engine=self.engine, ema=self.ema, objective=self.objective,
                               stream=self.stream, config=self.cfg.to_dict(), meta=meta)
 
+    def _snapshot_due(self, preempted: bool) -> bool:
+        """Post-hoc EMA snapshots every `phema_every` images (0: with every checkpoint), and at the last step."""
+        o = self.cfg.optim
+        if not o.phema or preempted:
+            return False
+        if self.step == o.total_steps:
+            return True
+        if not o.phema_every:
+            return self.step % self.cfg.checkpoint.save_every == 0
+        return self.step * o.global_batch // o.phema_every > (self.step - 1) * o.global_batch // o.phema_every
+
+    def snapshot(self) -> None:
+        """Collective: the power-function EMAs, assembled on rank 0, written as one fp16/bf16 snapshot file."""
+        buffers = {k: b.cpu() for k, b in self.engine.module.named_buffers()}
+        states = {s: self.ema.full_state_dict(PHEMA_PREFIX + s) for s in self.cfg.phema_sigmas()}
+        if self.rank == 0:
+            nbytes = write_snapshot(self.cfg.run.run_dir, self.step, {s: {**w, **buffers} for s, w in states.items()},
+                                    DTYPES[self.cfg.optim.phema_dtype])
+            self.writer.add_scalar("phema/snapshot_mb", nbytes / 2**20, self.step)
+            print(f"trainer: post-hoc EMA snapshot at step {self.step}: {nbytes / 2**20:.1f} MiB "
+                  f"({self.cfg.optim.phema_dtype}, sigma_rel {self.cfg.optim.phema})", flush=True)
+
     def preview(self) -> None:
-        """Collective: the objective's preview grid from each EMA (assembled on rank 0), PNG and TensorBoard."""
-        weights = {r: self.ema.full_state_dict(r) for r in self.ema.rates}
+        """Collective: the objective's preview grid from each classic EMA (assembled on rank 0), PNG and
+        TensorBoard."""
+        rates = self.cfg.ema_rates()
+        weights = {r: self.ema.full_state_dict(r) for r in rates}
         if self.rank == 0:
             model = self.objective.build_model().to(self.device).eval()
             buffers = dict(self.engine.module.named_buffers())
-            for r in self.ema.rates:
+            for r in rates:
                 model.load_state_dict({**weights.pop(r), **buffers}, strict=True)
                 out = self.objective.preview(model, self.device, self.cfg.run.seed + PREVIEW_SEED_OFFSET)
                 if out is None:
