@@ -181,8 +181,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--reference", required=True,
                    help="reference batch (.npz: arr_0 images and/or mu,sigma,mu_s,sigma_s)")
     p.add_argument("--out-dir", required=True, help="folder for metrics.json, metrics.md, precision_recall.png")
-    p.add_argument("--features", default="inception", choices=["inception", "standin"],
-                   help="inception: TF-FID Inception-v3 (needs weights); standin: random net for smoke tests only")
+    p.add_argument("--features", default="inception", choices=["inception", "standin", "pixels"],
+                   help="inception: TF-FID Inception-v3 (needs weights); standin: random net for smoke tests only; "
+                        "pixels: the pixels (<= 32x32) for small images such as the 16x16 digits")
     p.add_argument("--inception-weights", default=None, help=f"torch-fidelity Inception weights (or ${INCEPTION_ENV})")
     p.add_argument("--names", default=None, help="comma-separated display names, one per sample batch")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")

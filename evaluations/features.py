@@ -1,6 +1,6 @@
 """Feature extractors for sample-quality metrics, and per-file feature caching.
 
-Two extractors, both mapping uint8 images [B, H, W, 3] to a dict of float32 tensors:
+Three extractors, each mapping uint8 images [B, H, W, 3] to a dict of float32 tensors:
   "pool"    [B, Dp]  global features (FID, precision/recall)
   "spatial" [B, Ds]  spatial features (sFID)
   "logits"  [B, C]   classifier logits (Inception Score)
@@ -15,6 +15,8 @@ Two extractors, both mapping uint8 images [B, H, W, 3] to a dict of float32 tens
   nothing is downloaded.
 - `StandinExtractor`: a fixed, seeded random conv net for tests and CPU smoke runs. Its numbers are NOT
   comparable to published FID/IS values.
+- `PixelsExtractor`: the pixels themselves in [0, 1] (area-downsampled to at most 32x32), for small data sets
+  such as the bundled 16x16 digits where Inception features mean little and no weights are at hand.
 
 torch-fidelity is installed without its dependencies (it wants torchvision, which cannot live beside our torch),
 and its package __init__ imports torchvision. `_fidelity_module` imports only the Inception module: it registers
@@ -44,6 +46,7 @@ from evaluations.metrics import check_features, feature_statistics
 INCEPTION_ENV = "IDDPM_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+FEATURES = ("inception", "standin", "pixels")  # the names create_extractor knows
 
 
 # ------------------------------------------------------------------------------------------------ Inception
@@ -167,14 +170,56 @@ class StandinExtractor(nn.Module):
         return {"pool": pool, "spatial": spatial, "logits": self.fc(pool)}
 
 
+# ------------------------------------------------------------------------------------------------ pixels
+
+def area_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """Exact area (box-filter) resampling weights [n_out, n_in], float64, rows summing to 1: output pixel j
+    averages the input interval [j * n_in / n_out, (j + 1) * n_in / n_out), fractional pixels weighted by overlap."""
+    edges = torch.arange(n_out + 1, dtype=torch.float64) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    i = torch.arange(n_in, dtype=torch.float64)[None, :]
+    return (torch.minimum(hi, i + 1) - torch.maximum(lo, i)).clamp_(min=0) / (n_in / n_out)
+
+
+class PixelsExtractor(nn.Module):
+    """Pixel features for small images (e.g. the 16x16 digits). NOT comparable to published numbers.
+
+    uint8 [B, H, W, 3] -> / 255 -> exact area downsample to (min(H, max_side), min(W, max_side)) -> flattened in
+    HWC order: pool = spatial [B, h*w*3] (so sFID equals FID; 768 dims at 16x16, at most 3072), logits = one zero
+    column [B, 1] (no classifier: the Inception Score is 1 by construction). `max_side` bounds the covariance
+    ((h*w*3)^2 float64: 75 MB at 32x32).
+    """
+
+    comparable = False
+
+    def __init__(self, max_side: int = 32):
+        super().__init__()
+        if max_side < 1:
+            raise UsageError(f"pixels features: max_side must be >= 1, got {max_side}")
+        self.max_side, self.name = max_side, f"pixels-v1-max{max_side}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.float().div(255.0)                            # [B, H, W, 3] in [0, 1]
+        h, w = x.shape[1:3]
+        if h > self.max_side or w > self.max_side:
+            rows = area_matrix(h, min(h, self.max_side)).to(x)
+            cols = area_matrix(w, min(w, self.max_side)).to(x)
+            x = torch.einsum("oh,bhwc,pw->bopc", rows, x, cols)
+        pool = x.reshape(x.shape[0], -1)
+        return {"pool": pool, "spatial": pool, "logits": pool.new_zeros(pool.shape[0], 1)}
+
+
 def create_extractor(kind: str, inception_weights: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """'inception' (needs the weights file) or 'standin'."""
+    """'inception' (needs the weights file), 'standin' or 'pixels' (`FEATURES`)."""
     if kind == "inception":
         net = InceptionExtractor(inception_weights)
     elif kind == "standin":
         net = StandinExtractor()
+    elif kind == "pixels":
+        net = PixelsExtractor()
     else:
-        raise UsageError(f"--features {kind}: choose 'inception' or 'standin'")
+        raise UsageError(f"--features {kind}: choose one of {', '.join(FEATURES)}")
     return net.to(device)
 
 
