@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from data.cli import ArgumentParser, UsageError, flag, run_cli
-from data.fsio import atomic_write, atomic_write_json, atomic_write_text
+from data.fsio import atomic_write
 from evaluations.features import INCEPTION_ENV, cached_features, create_extractor
-from evaluations.io import check_images, load_npz
+from evaluations.io import check_images, load_npz, save_report
 from evaluations.metrics import frechet_distance, inception_score, precision_recall
 
 PROG = "evaluations.evaluate"
@@ -166,12 +166,8 @@ def plot_precision_recall(report: dict, path: str) -> bool:
 
 def save(out_dir: str, report: dict[str, Any]) -> str:
     """metrics.json, metrics.md and precision_recall.png in `out_dir`, atomically. Returns the markdown."""
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_json(os.path.join(out_dir, "metrics.json"), report)
-    md = markdown(report)
-    atomic_write_text(os.path.join(out_dir, "metrics.md"), md)
-    plot_precision_recall(report, os.path.join(out_dir, "precision_recall.png"))
-    return md
+    return save_report(out_dir, report, stem="metrics", markdown=markdown, plot=plot_precision_recall,
+                       png="precision_recall.png")
 
 
 def build_parser() -> ArgumentParser:

@@ -8,7 +8,7 @@ import argparse
 import hashlib
 import os
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -97,3 +97,16 @@ def check_images(arr: Any, name: str) -> np.ndarray:
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1 or min(arr.shape[1:3]) < 1:
         raise UsageError(f"{name}: images must have shape [N, H, W, 3] (channels last, RGB), got {arr.shape}")
     return arr
+
+
+def save_report(out_dir: str, report: dict[str, Any], *, stem: str, markdown: Callable[[dict], str],
+                plot: Callable[[dict, str], Any], png: str) -> str:
+    """Write `stem`.json, `stem`.md (from `markdown(report)`) and the figure `png` (`plot(report, path)`) into
+    `out_dir`, each atomically. Returns the markdown."""
+    from data.fsio import atomic_write_json, atomic_write_text
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(os.path.join(out_dir, f"{stem}.json"), report)
+    md = markdown(report)
+    atomic_write_text(os.path.join(out_dir, f"{stem}.md"), md)
+    plot(report, os.path.join(out_dir, png))
+    return md

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from data.cli import ArgumentParser, UsageError, flag, run_cli
-from data.fsio import atomic_save_npz, atomic_write, atomic_write_json, atomic_write_text
+from data.fsio import atomic_save_npz, atomic_write, atomic_write_json
 from evaluations import dist
 from evaluations.features import FEATURES
+from evaluations.io import save_report
 
 PROG = "evaluations.sweep_ema"
 K = 3                                       # nearest neighbours of precision / recall (evaluate's default)
@@ -60,22 +61,6 @@ def parse_sigma_rels(sigma_rels: str | Sequence[str | float]) -> list[str]:
     if not out:
         raise UsageError("--sigma-rel: no EMA length given; e.g. --sigma-rel 0.02,0.05,0.1")
     return out
-
-
-def _run_meta(run_dir: str) -> dict[str, Any]:
-    """The model/diffusion config of a run (its latest checkpoint's meta.json); UsageError when there is none."""
-    from trainer.checkpoint import latest_checkpoint
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"run folder {run_dir} does not exist")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UsageError(f"no checkpoint in {run_dir} (checkpoints/latest naming a folder with meta.json); "
-                         f"the exports need the run's model and diffusion config")
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        meta = json.load(f)
-    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("diffusion"), dict):
-        raise UsageError(f"{ckpt}/meta.json lacks the 'model' or 'diffusion' config")
-    return meta
 
 
 def _open_data(data: str, image_size: int):
@@ -145,32 +130,12 @@ def sweep_ema(run_dir: str, sigma_rels: str | Sequence[str | float], *, data: st
     Returns {"run_dir", "step", "snapshot_steps", "settings", "rows": [{sigma_rel, gamma, bpd, bpd_stderr, fid,
     precision, recall, model, samples, seconds, reused}], "best_fid", "best_nll", "date"}.
     """
-    from evaluations.evaluate import evaluate
     from evaluations.io import file_sha256
-    from evaluations.nll import nll
-    from evaluations.sample import sample, save as save_samples
-    from trainer.phema import read_snapshots, reconstruct, sigma_rel_to_gamma
 
-    sigmas = parse_sigma_rels(sigma_rels)
-    if num_samples <= K or batch_size < 1:
-        raise UsageError(f"--num-samples must be > {K} (precision/recall use {K} neighbours) and --batch-size >= 1")
-    if nll_images is not None and nll_images < 1:
-        raise UsageError("--nll-images must be a positive integer")
-    if features not in FEATURES:
-        raise UsageError(f"--features {features}: choose one of {', '.join(FEATURES)}")
-    meta = _run_meta(run_dir)
-    snaps = read_snapshots(run_dir)
-    if not snaps:
-        raise UsageError(f"no post-hoc EMA snapshots in {os.path.join(run_dir, 'phema')}; "
-                         f"train with post-hoc EMA tracking (--phema 0.05,0.10)")
-    step = snaps[-1].step if at_step is None else int(at_step)
-    if not snaps[0].step <= step <= snaps[-1].step:
-        raise UsageError(f"--at-step {step} is outside the snapshots' steps {snaps[0].step}..{snaps[-1].step}")
+    sigmas, meta, snaps, step = _checked_inputs(run_dir, sigma_rels, data=data, num_samples=num_samples,
+                                                batch_size=batch_size, nll_images=nll_images, features=features,
+                                                reference=reference, at_step=at_step)
     model_cfg = meta["model"]
-    num_classes = model_cfg.get("num_classes")
-    _open_data(data, model_cfg["image_size"])      # every rank checks its inputs before any collective
-    if reference is not None:
-        _check_reference(reference)
     ranks = dist.setup()
     main = ranks.is_main
     if reference is None:
@@ -185,60 +150,109 @@ def sweep_ema(run_dir: str, sigma_rels: str | Sequence[str | float], *, data: st
     paths = {s: {k: os.path.join(out_dir, d, f"phema_{s}.{ext}") for k, d, ext in
                  (("model", "models", "safetensors"), ("samples", "samples", "npz"), ("row", "rows", "json"))}
              for s in sigmas}
-
-    def cached(s: str) -> dict[str, Any] | None:
-        try:
-            with open(paths[s]["row"]) as f:
-                done = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return done["row"] if done.get("settings") == {**settings, "sigma_rel": s} else None
-
-    rows = {s: r for s in sigmas if main and (r := cached(s)) is not None}
+    rows = {s: r for s in sigmas if main and (r := _cached_row(paths[s]["row"], {**settings, "sigma_rel": s}))}
     # Every rank must agree on the lengths to run (they share sample/nll collectives): rank 0 decides.
     keep = dist.all_reduce_sum(torch.tensor([int(s in rows) for s in sigmas])).tolist()
     todo = [s for s, k in zip(sigmas, keep) if not k]
     if todo and main:
-        states = reconstruct(run_dir, todo, at_step=at_step)    # {sigma_rel: fp32 state dict}
-        from trainer.export import save_exported
-        for s in todo:
-            save_exported(paths[s]["model"], states.pop(s), model_cfg, meta["diffusion"], step=step,
-                          ema=f"phema_{s}")
+        _export(run_dir, todo, meta, step, at_step, {s: paths[s]["model"] for s in todo})
     dist.barrier()
-    labels = np.arange(num_samples, dtype=np.int64) % num_classes if num_classes else None
+    num_classes = model_cfg.get("num_classes")
+    opts = dict(data=data, reference=reference, out_dir=out_dir, num_samples=num_samples, batch_size=batch_size,
+                respace=respace or None, nll_images=nll_images, seed=seed, guidance_scale=guidance_scale,
+                features=features, inception_weights=inception_weights, device=device, progress=progress,
+                labels=np.arange(num_samples, dtype=np.int64) % num_classes if num_classes else None)
     it: Any = todo
     if progress and main:
         from tqdm import tqdm
         it = tqdm(todo, desc="post-hoc EMA lengths", unit="length")
     for s in it:
-        t0 = time.time()
-        model = paths[s]["model"]
-        r = nll(model, data, respace=respace or None, batch_size=batch_size, num_images=nll_images, seed=seed,
-                device=device, progress=progress)
-        smp = sample(model, num_samples, batch_size=batch_size, respace=respace or None, labels=labels,
-                     guidance_scale=guidance_scale, seed=seed, device=device, progress=progress)
-        if not main:
-            continue
-        save_samples(paths[s]["samples"], smp)
-        q = evaluate(reference, [paths[s]["samples"]], features=features, inception_weights=inception_weights,
-                     names=[f"phema_{s}"], batch_size=batch_size, k=K, cache_dir=os.path.join(out_dir, "features"),
-                     device=device, progress=progress)
-        m = q["batches"][0]
-        rows[s] = {"sigma_rel": s, "gamma": sigma_rel_to_gamma(s), "bpd": r.report["bpd"],
-                   "bpd_stderr": r.report["bpd_stderr"], "nll_images": r.report["images"], "fid": m["fid"],
-                   "precision": m["precision"], "recall": m["recall"], "features": q["features"],
-                   "model": os.path.abspath(model), "samples": os.path.abspath(paths[s]["samples"]),
-                   "seconds": round(time.time() - t0, 3)}
-        atomic_write_json(paths[s]["row"], {"settings": {**settings, "sigma_rel": s}, "row": rows[s]})
+        row = _measure(s, paths[s], main=main, **opts)
+        if row is not None:
+            rows[s] = row
+            atomic_write_json(paths[s]["row"], {"settings": {**settings, "sigma_rel": s}, "row": row})
     if not main:
         return None
-    ordered = sorted((rows[s] for s in sigmas), key=lambda r: float(r["sigma_rel"]))
-    ordered = [{**r, "reused": r["sigma_rel"] not in todo} for r in ordered]
+    ordered = sorted(({**rows[s], "reused": s not in todo} for s in sigmas), key=lambda r: float(r["sigma_rel"]))
     return {"run_dir": os.path.abspath(run_dir), "step": step, "snapshot_steps": settings["snapshot_steps"],
             "settings": settings, "rows": ordered,
             "best_fid": min(ordered, key=lambda r: r["fid"])["sigma_rel"],
             "best_nll": min(ordered, key=lambda r: r["bpd"])["sigma_rel"],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _checked_inputs(run_dir: str, sigma_rels: str | Sequence[str | float], *, data: str, num_samples: int,
+                    batch_size: int, nll_images: int | None, features: str, reference: str | None,
+                    at_step: int | None) -> tuple[list[str], dict[str, Any], list, int]:
+    """Every check before any work or collective: -> (sigma_rels, the run's meta.json, snapshots, target step)."""
+    from trainer.phema import read_snapshots, run_meta
+    sigmas = parse_sigma_rels(sigma_rels)
+    if num_samples <= K or batch_size < 1:
+        raise UsageError(f"--num-samples must be > {K} (precision/recall use {K} neighbours) and --batch-size >= 1")
+    if nll_images is not None and nll_images < 1:
+        raise UsageError("--nll-images must be a positive integer")
+    if features not in FEATURES:
+        raise UsageError(f"--features {features}: choose one of {', '.join(FEATURES)}")
+    meta = run_meta(run_dir)
+    snaps = read_snapshots(run_dir)
+    if not snaps:
+        raise UsageError(f"no post-hoc EMA snapshots in {os.path.join(run_dir, 'phema')}; "
+                         f"train with post-hoc EMA tracking (--phema 0.05,0.10)")
+    step = snaps[-1].step if at_step is None else int(at_step)
+    if not snaps[0].step <= step <= snaps[-1].step:
+        raise UsageError(f"--at-step {step} is outside the snapshots' steps {snaps[0].step}..{snaps[-1].step}")
+    _open_data(data, meta["model"]["image_size"])      # every rank checks its inputs before any collective
+    if reference is not None:
+        _check_reference(reference)
+    return sigmas, meta, snaps, step
+
+
+def _cached_row(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of a length finished earlier with exactly these settings, else None."""
+    try:
+        with open(path) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return done["row"] if done.get("settings") == settings else None
+
+
+def _export(run_dir: str, sigmas: list[str], meta: dict[str, Any], step: int, at_step: int | None,
+            paths: dict[str, str]) -> None:
+    """Reconstruct every length in one pass over the snapshots and export each (safetensors + JSON)."""
+    from trainer.export import save_exported
+    from trainer.phema import reconstruct
+    states = reconstruct(run_dir, sigmas, at_step=at_step)    # {sigma_rel: fp32 state dict}
+    for s in sigmas:
+        save_exported(paths[s], states.pop(s), meta["model"], meta["diffusion"], step=step, ema=f"phema_{s}")
+
+
+def _measure(s: str, paths: dict[str, str], *, main: bool, data: str, reference: str, out_dir: str,
+             num_samples: int, batch_size: int, respace: str | None, nll_images: int | None, seed: int,
+             guidance_scale: float, features: str, inception_weights: str | None, device: str | None,
+             progress: bool, labels: np.ndarray | None) -> dict[str, Any] | None:
+    """Bits/dim, samples and sample quality of one exported length (collective); the row on rank 0."""
+    from evaluations.evaluate import evaluate
+    from evaluations.nll import nll
+    from evaluations.sample import sample, save as save_samples
+    from trainer.phema import sigma_rel_to_gamma
+    t0 = time.time()
+    r = nll(paths["model"], data, respace=respace, batch_size=batch_size, num_images=nll_images, seed=seed,
+            device=device, progress=progress)
+    smp = sample(paths["model"], num_samples, batch_size=batch_size, respace=respace, labels=labels,
+                 guidance_scale=guidance_scale, seed=seed, device=device, progress=progress)
+    if not main:
+        return None
+    save_samples(paths["samples"], smp)
+    q = evaluate(reference, [paths["samples"]], features=features, inception_weights=inception_weights,
+                 names=[f"phema_{s}"], batch_size=batch_size, k=K, cache_dir=os.path.join(out_dir, "features"),
+                 device=device, progress=progress)
+    m = q["batches"][0]
+    return {"sigma_rel": s, "gamma": sigma_rel_to_gamma(s), "bpd": r.report["bpd"],
+            "bpd_stderr": r.report["bpd_stderr"], "nll_images": r.report["images"], "fid": m["fid"],
+            "precision": m["precision"], "recall": m["recall"], "features": q["features"],
+            "model": os.path.abspath(paths["model"]), "samples": os.path.abspath(paths["samples"]),
+            "seconds": round(time.time() - t0, 3)}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -290,11 +304,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def save(out_dir: str, report: dict[str, Any]) -> str:
     """sweep_ema.json, sweep_ema.md and sweep_ema.png in `out_dir`, atomically. Returns the markdown."""
-    atomic_write_json(os.path.join(out_dir, "sweep_ema.json"), report)
-    md = markdown(report)
-    atomic_write_text(os.path.join(out_dir, "sweep_ema.md"), md)
-    plot(report, os.path.join(out_dir, "sweep_ema.png"))
-    return md
+    return save_report(out_dir, report, stem="sweep_ema", markdown=markdown, plot=plot, png="sweep_ema.png")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -322,6 +332,10 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, PROG, argv)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     a = build_parser().parse_args(argv)
     try:
@@ -335,10 +349,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if report is not None:
         print(save(a.out_dir, report), end="")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,8 @@ def combine(snapshots: Sequence[Snapshot], plans: Sequence[Plan], progress: bool
     if not plans:
         return {}
     profiles = plans[0].profiles
-    assert all(p.profiles == profiles for p in plans), "plans must share their snapshots"
+    if any(p.profiles != profiles for p in plans):
+        raise ValueError("plans must share their snapshots (make them with one call of plan())")
     used = sorted({i for i, _ in profiles})
     names = snapshots[used[0]].names
     out: dict[str, dict[str, torch.Tensor]] = {p.sigma_rel: {} for p in plans}
@@ -382,9 +383,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, "trainer.phema", argv)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def run_meta(run_dir: str) -> dict:
+    """The latest checkpoint's meta.json of a run (model config, diffusion kwargs, step): what an export needs.
+    UsageError when the run or its checkpoint is missing."""
     import json
     from trainer.checkpoint import latest_checkpoint
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"run folder {run_dir} does not exist")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UsageError(f"no checkpoint in {run_dir} (expected checkpoints/latest naming a folder with meta.json); "
+                         f"the export needs the run's model and diffusion config")
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("diffusion"), dict):
+        raise UsageError(f"{ckpt}/meta.json lacks the 'model' or 'diffusion' config")
+    return meta
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from trainer.export import save_exported
     p = ArgumentParser(prog="trainer.phema",
                        description="Reconstruct post-hoc EMA weights (EDM2) of a run from its phema/ snapshots and "
@@ -400,16 +417,7 @@ def _main(argv: Sequence[str] | None) -> int:
     flag(p, "--progress", False, "show a progress bar over the tensors (on stderr)")
     a = p.parse_args(argv)
     sigmas = parse_sigma_rels(a.sigma_rel)
-    if not os.path.isdir(a.run_dir):
-        raise UsageError(f"run folder {a.run_dir} does not exist")
-    ckpt = latest_checkpoint(a.run_dir)
-    if ckpt is None:
-        raise UsageError(f"no checkpoint in {a.run_dir} (expected checkpoints/latest naming a folder with meta.json); "
-                         f"the export needs the run's model and diffusion config")
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        meta = json.load(f)
-    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("diffusion"), dict):
-        raise UsageError(f"{ckpt}/meta.json lacks the 'model' or 'diffusion' config")
+    meta = run_meta(a.run_dir)
     snaps = read_snapshots(a.run_dir)
     plans = plan(snaps, sigmas, a.at_step)
     states = combine(snaps, plans, progress=a.progress)
