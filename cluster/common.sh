@@ -25,10 +25,11 @@ master_addr() {
 }
 
 # setup_rendezvous: export MASTER_ADDR and a base port unique per job and restart, so jobs sharing a node,
-# successive job steps and a requeued run never meet on one port (MASTER_PORT, if set, is used as it is).
+# successive job steps and a requeued run never meet on one port (MASTER_PORT, if set, is used as it is). Ports lie
+# in 20000-31999, below Linux's ephemeral range (32768-60999), where any open connection could already hold one.
 setup_rendezvous() {
   MASTER_ADDR="${MASTER_ADDR:-$(master_addr)}"
-  _port_base="${MASTER_PORT:-$(( 20000 + (SLURM_JOB_ID * 16 + ${SLURM_RESTART_COUNT:-0} * 4) % 40000 ))}"
+  _port_base="${MASTER_PORT:-$(( 20000 + (SLURM_JOB_ID * 16 + ${SLURM_RESTART_COUNT:-0} * 4) % 12000 ))}"
   _port_fixed="${MASTER_PORT:+1}"
   _step=0
   MASTER_PORT="$_port_base"
