@@ -7,6 +7,7 @@ defaults < recipe < config file < flags, saved as `config.json` next to every ch
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -211,10 +212,20 @@ def _objective_name(given: str | None, cfile: dict[str, Any], recipe: dict[str, 
     return given or ObjectiveSection.name
 
 
-def build_parser(objective_options: dict[str, type] | None = None) -> ArgumentParser:
-    """The generated CLI: one group per section, plus one per objective that has options."""
+def objective_sections(given: dict[str, type] | None = None) -> dict[str, type]:
+    """Name -> Options dataclass of every objective whose settings get a --help section: the registered ones,
+    plus `given` (an objective imported by path appears once, under the name it was given by)."""
     from trainer.objective import OBJECTIVES, load_builtin_objectives
     load_builtin_objectives()
+    given = given or {}
+    sections = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None and v.Options not in
+                given.values()}
+    return {**sections, **given}
+
+
+def build_parser(sections: dict[str, type] | None = None) -> ArgumentParser:
+    """The generated CLI: one group per config section, plus one per objective in `sections` (default: every
+    registered objective with options)."""
     p = ArgumentParser(prog="trainer.main", description=(
         "Train a diffusion objective with DeepSpeed (any launcher). Precedence: defaults < --recipe < --config FILE "
         "< flags. Re-running the same command resumes from RUN_DIR/checkpoints/latest. Exit codes: 0 done, "
@@ -224,13 +235,8 @@ def build_parser(objective_options: dict[str, type] | None = None) -> ArgumentPa
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     seen: dict[str, str] = {}
     configlib.add_flags(p, TrainConfig, TITLES, seen=seen)
-    extra = objective_options or {}
-    options = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None and v.Options not in
-               extra.values()}  # an imported objective's settings appear once, under the name it was given by
-    options.update(extra)
-    for name, cls in options.items():
+    for name, cls in (objective_sections() if sections is None else sections).items():
         configlib.add_flags(p, cls, {f"objective.{name}": f"objective {name}"}, f"objective.{name}", seen)
-    p._objective_options = options  # type: ignore[attr-defined]
     return p
 
 
@@ -247,21 +253,20 @@ def load_json(path: str, what: str) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any], where: str = "") -> TrainConfig:
-    """Nested dict -> validated TrainConfig, the objective's options included."""
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Nested dict -> validated TrainConfig, the objective's options (under objective.NAME) included."""
     from trainer.objective import get_objective
-    d = json.loads(json.dumps(d))  # a deep copy
-    obj = d.get("objective") or {}
-    name = obj.get("name", ObjectiveSection.name)
-    cls = get_objective(name) if isinstance(name, str) else None
-    opts = {k: obj.pop(k) for k in list(obj) if k not in ("name", "sampler_sync")}
-    cfg = configlib.from_dict(TrainConfig, d, where)
-    own = opts.pop(name, {}) if isinstance(name, str) else {}
+    d = copy.deepcopy(d)
+    obj = d.get("objective")
+    opts = {k: obj.pop(k) for k in list(obj) if k not in ("name", "sampler_sync")} if isinstance(obj, dict) else {}
+    cfg = configlib.from_dict(TrainConfig, d)
+    name = cfg.objective.name
+    cls = get_objective(name)
+    own = opts.pop(name, {})
     if opts:
-        raise UsageError(f"{where + ': ' if where else ''}settings of objective {sorted(opts)[0]!r} given, but the "
-                         f"objective is {name!r}")
-    if cls is not None and cls.Options is not None:
-        cfg.objective.options = configlib.from_dict(cls.Options, own, where, f"objective.{name}")
+        raise UsageError(f"settings of objective {sorted(opts)[0]!r} given, but the objective is {name!r}")
+    if cls.Options is not None:
+        cfg.objective.options = configlib.from_dict(cls.Options, own, f"objective.{name}")
     elif own:
         raise UsageError(f"objective {name!r} has no settings, got objective.{name}.{sorted(own)[0]}")
     return cfg
@@ -278,14 +283,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if known.recipe:
         if known.recipe not in RECIPES:
             raise UsageError(f"unknown recipe {known.recipe!r}; choose one of {', '.join(RECIPES)}")
-        recipe = configlib.merge(json.loads(json.dumps(RECIPES[known.recipe])), {"run": {"recipe": known.recipe}})
+        recipe = configlib.merge(copy.deepcopy(RECIPES[known.recipe]), {"run": {"recipe": known.recipe}})
     cfile = load_json(known.config, "--config") if known.config else {}
     name = _objective_name(known.objective, cfile, recipe)
     cls = get_objective(name)
-    parser = build_parser({name: cls.Options} if cls.Options is not None else None)
-    given = vars(parser.parse_args(argv))
+    sections = objective_sections({name: cls.Options} if cls.Options is not None else None)
+    given = vars(build_parser(sections).parse_args(argv))
     flags = configlib.flags_to_dict(given, TrainConfig)
-    for oname, ocls in parser._objective_options.items():  # type: ignore[attr-defined]
+    for oname, ocls in sections.items():
         configlib.merge(flags, configlib.flags_to_dict(given, ocls, f"objective.{oname}", ["objective", oname]))
     merged = configlib.merge(configlib.merge(recipe, cfile), flags)
     cfg = config_from_dict(merged)
@@ -332,9 +337,8 @@ def frozen_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     from trainer.objective import get_objective
     new = cfg.to_dict()
     changed = configlib.frozen_changes(TrainConfig, saved, new)
-    opts = get_objective(cfg.objective.name).Options
-    if opts is not None and not changed:
-        name = cfg.objective.name
+    opts, name = get_objective(cfg.objective.name).Options, cfg.objective.name
+    if opts is not None and not changed:  # the objective's own settings are compared once the sections agree
         changed = configlib.frozen_changes(opts, saved["objective"].get(name, {}), new["objective"].get(name, {}))
     return changed
 

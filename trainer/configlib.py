@@ -180,19 +180,18 @@ def merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     return dst
 
 
-def from_dict(cls: type, d: dict[str, Any], where: str = "", _section: str = "") -> Any:
+def from_dict(cls: type, d: dict[str, Any], _section: str = "") -> Any:
     """Nested dict (any subset of the fields) -> validated instance of `cls`; unknown keys and bad values raise
-    UsageError naming the field. `where` names the source in messages (e.g. 'config file run/config.json')."""
+    UsageError naming the field."""
     if not isinstance(d, dict):
-        raise UsageError(f"{where or 'configuration'}: section {_section or '(top)'} must be a JSON object")
+        raise UsageError(f"configuration: section {_section or '(top)'} must be a JSON object")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         known = ", ".join(sorted(names))
         prefix = f"{_section}." if _section else ""
-        raise UsageError(f"{where + ': ' if where else ''}unknown setting {prefix}{unknown[0]}; "
-                         f"{_section or 'the top level'} has {known}")
+        raise UsageError(f"unknown setting {prefix}{unknown[0]}; {_section or 'the top level'} has {known}")
     kw: dict[str, Any] = {}
     by_name = {s.name: s for s in settings(cls, _section) if s.section == _section}
     for f in dataclasses.fields(cls):
@@ -200,16 +199,12 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "", _section: str = "")
             continue
         path = f"{_section}.{f.name}" if _section else f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            kw[f.name] = from_dict(hints[f.name], d[f.name], where, path)
+            kw[f.name] = from_dict(hints[f.name], d[f.name], path)
         elif f.name not in by_name:  # a plain field without option(): recorded, not a setting
             kw[f.name] = d[f.name]
         else:
-            s = by_name[f.name]
-            try:
-                kw[f.name] = convert(s, d[f.name])
-                check(s, kw[f.name])
-            except UsageError as e:
-                raise UsageError(f"{where + ': ' if where else ''}{e}") from None
+            kw[f.name] = convert(by_name[f.name], d[f.name])
+            check(by_name[f.name], kw[f.name])
     return cls(**kw)
 
 

@@ -8,6 +8,7 @@ Metrics are reduced with one more all-gather at log time only.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -62,6 +63,7 @@ class Trainer:
         self.device = init(launch)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.objective: Objective = get_objective(cfg.objective.name)(cfg)
+        self.ds_config = deepspeed_config(cfg, self.world)  # the user's JSON is read once
         self.engine = self._make_engine(self.objective.build_model())
         if self.resume_from:
             self.ckpt.load_engine(self.resume_from, self.engine)
@@ -120,7 +122,7 @@ class Trainer:
         sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))) if warm \
             else None
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=deepspeed_config(cfg, self.world), lr_scheduler=sched)
+                                               config=copy.deepcopy(self.ds_config), lr_scheduler=sched)
         if self.world == 1 and cfg.optim.zero_stage == 0:
             engine.enable_backward_allreduce = False  # one rank: DeepSpeed's gradient all-reduce is a flatten + copy
         return engine
@@ -128,11 +130,11 @@ class Trainer:
     def _open_writer(self) -> SummaryWriter:
         cfg, run_dir = self.cfg, self.cfg.run.run_dir
         os.makedirs(run_dir, exist_ok=True)
-        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+        config = cfg.to_dict()
+        atomic_write_json(os.path.join(run_dir, "config.json"), config)
         w = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=self.step + 1 if self.step else None)
-        w.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", self.step)
-        w.add_text("deepspeed_config", "```\n" + json.dumps(deepspeed_config(cfg, self.world), indent=2) + "\n```",
-                   self.step)
+        w.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", self.step)
+        w.add_text("deepspeed_config", "```\n" + json.dumps(self.ds_config, indent=2) + "\n```", self.step)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         start = f"resuming at step {self.step} from {self.resume_from}" if self.resume_from else "fresh start"
         print(f"trainer: {self.launcher} launch, {self.world} rank(s) on {self.device.type}, {cfg.objective.name} "
