@@ -42,7 +42,9 @@ def space_timesteps(num_timesteps: int, spec: str | list[int] | tuple[int, ...])
 
     spec: "250" (250 evenly spaced steps), "10,15,20" or [10, 15, 20] (the process is cut into 3 equal sections,
     keeping 10, 15 and 20 evenly spaced steps in them), "ddim50" (range(0, T, stride) with exactly 50 steps, as in
-    the DDIM paper). Each section keeps its first and last step. Impossible specs raise ValueError.
+    the DDIM paper). Each section keeps its first and (up to float rounding) last step, at the indices
+    improved-diffusion keeps: round() of a running sum of the stride (size - 1) / (count - 1). Impossible specs
+    raise ValueError.
     """
     T = num_timesteps
     if not isinstance(T, (int, np.integer)) or T < 1:
@@ -80,7 +82,12 @@ def space_timesteps(num_timesteps: int, spec: str | list[int] | tuple[int, ...])
         size = size_per + (1 if i < extra else 0)
         if count > size:
             raise ValueError(f"cannot keep {count} steps in a section of {size} timesteps (respacing {spec!r}, T={T})")
+        # improved-diffusion's rule, kept to the last bit: the fractional index is a running float64 sum of the
+        # stride (not j * stride), rounded half to even. The two differ by one step at some exact .5 ties.
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept.update(start + round(j * stride) for j in range(count))
+        idx = 0.0
+        for _ in range(count):
+            kept.add(start + round(idx))
+            idx += stride
         start += size
     return kept

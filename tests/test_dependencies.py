@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ["diffusion", "data", "trainer", "evaluations"]
 # import name -> distribution name, where they differ by more than '_' vs '-'
 DIST_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "cv2": "opencv-python",
-           "skimage": "scikit-image", "google": "protobuf", "attr": "attrs"}
+           "skimage": "scikit-image", "google": "protobuf", "attr": "attrs",
+           "guided_diffusion": "guided-diffusion-sdk"}
 # a module whose import needs a distribution that provides no module of that name
 IMPLIED = {"torch.utils.tensorboard": "tensorboard"}
 # declared, never imported: why they are needed anyway
