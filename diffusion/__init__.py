@@ -19,7 +19,8 @@ __all__ = [
 
 def create_diffusion(*, steps: int = 4000, noise_schedule: str = "cosine", learn_sigma: bool = True,
                      sigma_small: bool = False, loss: str = "hybrid", vlb_weight: float = 0.001,
-                     predict_xstart: bool = False, timestep_respacing: str | list[int] = "") -> GaussianDiffusion:
+                     predict_xstart: bool = False, timestep_respacing: str | list[int] = "",
+                     model_mean_type: str | None = None, distilled_steps: int = 0) -> GaussianDiffusion:
     """The diffusion of Improved DDPM from the usual flags.
 
     learn_sigma -> "learned_range" variance (model outputs 2*C channels); else sigma_small -> beta~_t, else beta_t.
@@ -28,13 +29,28 @@ def create_diffusion(*, steps: int = 4000, noise_schedule: str = "cosine", learn
     mse + L_t, the original code's unscaled variant.
     timestep_respacing "" keeps all `steps` (a plain GaussianDiffusion), else a SpacedDiffusion (see
     space_timesteps: "250", "10,15,20", "ddim50").
+    model_mean_type ("epsilon", "xstart", "v") overrides predict_xstart when given.
+    distilled_steps K > 0: a progressively distilled student, whose process is its own K steps
+    diffusion.distill.step_grid(steps, K); timestep_respacing must then be "", "K" or "ddimK" (the same steps).
+    loss="simple" with learn_sigma is refused: the simple loss trains no variance (improved-diffusion's
+    "simple" loss with learned sigmas adds the vb term, i.e. it is our "hybrid").
     """
     if loss not in LOSS_TYPES:
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSS_TYPES)}")
+    if loss == "simple" and learn_sigma:
+        raise ValueError("loss 'simple' with learn_sigma trains no variance at all: use loss 'hybrid' (L_simple + "
+                         "vlb_weight * L_vlb, what improved-diffusion trains for learned sigmas) or learn_sigma=False")
     betas = get_named_beta_schedule(noise_schedule, steps)
-    kwargs = dict(betas=betas, model_mean_type="xstart" if predict_xstart else "epsilon",
+    mean_type = model_mean_type or ("xstart" if predict_xstart else "epsilon")
+    kwargs = dict(betas=betas, model_mean_type=mean_type,
                   model_var_type="learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large"),
                   loss_type=loss, vlb_weight=vlb_weight)
+    if distilled_steps:
+        from .distill import step_grid
+        if timestep_respacing not in ("", None, str(distilled_steps), f"ddim{distilled_steps}"):
+            raise ValueError(f"a distilled student samples in its own {distilled_steps} steps only (respacing "
+                             f"'ddim{distilled_steps}'), got {timestep_respacing!r}")
+        return SpacedDiffusion(step_grid(steps, distilled_steps), **kwargs)
     if timestep_respacing in ("", None):
         return GaussianDiffusion(**kwargs)
     return SpacedDiffusion(space_timesteps(steps, timestep_respacing), **kwargs)

@@ -16,7 +16,7 @@ import torch
 
 from .losses import NATS_TO_BITS, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
-MEAN_TYPES = ("epsilon", "xstart")
+MEAN_TYPES = ("epsilon", "xstart", "v")
 VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 SAMPLE_METHODS = ("ddpm", "ddim")
@@ -54,10 +54,13 @@ def _final_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
 class GaussianDiffusion:
     """A T-step Gaussian diffusion given its betas [T] (float64, 0 < beta <= 1).
 
-    model_mean_type: "epsilon" (the network predicts the noise) or "xstart".
+    model_mean_type: "epsilon" (the network predicts the noise), "xstart" (x_0) or "v" (Salimans & Ho 2022:
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, so x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v).
     model_var_type: "learned_range" (the network outputs 2*C channels: mean part, then v in [-1, 1] with
     log Sigma = (v+1)/2 log beta_t + (1-v)/2 log beta~_t), "fixed_small" (beta~_t) or "fixed_large" (beta_t).
     loss_type: "simple" (MSE), "hybrid" (MSE + vlb_weight*T*L_t, the mean stop-gradiented inside L_t), "vlb" (T*L_t).
+    The MSE is on the predicted quantity for epsilon / xstart; for v it is the x-space error weighted by the
+    truncated SNR, max(abar/(1-abar), 1) |x_0 - x_0_hat|^2 (Salimans & Ho 2022, eq. 9 "truncated SNR").
     """
 
     def __init__(self, *, betas: np.ndarray, model_mean_type: str = "epsilon", model_var_type: str = "learned_range",
@@ -85,6 +88,7 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1.0)
+        self.truncated_snr = np.maximum(ac / (1.0 - ac), 1.0)  # max(SNR_t, 1), the v-loss weight of |x_0 error|^2
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t); beta~_0 = 0, so its log is clipped to beta~_1.
         self.posterior_variance = pv = betas * (1.0 - acp) / (1.0 - ac)
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:]) if T > 1 else np.maximum(pv, 1e-20))
@@ -169,6 +173,17 @@ class GaussianDiffusion:
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
+    def _predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._extract("sqrt_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+
+    def _predict_xstart(self, x_t: torch.Tensor, t: torch.Tensor, mean_out: torch.Tensor) -> torch.Tensor:
+        """x_0 from the mean part of the model output, by model_mean_type (unclipped)."""
+        if self.model_mean_type == "epsilon":
+            return self._predict_xstart_from_eps(x_t, t, mean_out)
+        if self.model_mean_type == "v":
+            return self._predict_xstart_from_v(x_t, t, mean_out)
+        return mean_out
+
     def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
@@ -213,10 +228,7 @@ class GaussianDiffusion:
         else:  # fixed_large: beta_t, except beta~_1 at t=0 so that the decoder has a sensible variance
             variance = self._extract("_large_variance", t, x)
             log_variance = variance.log()
-        if self.model_mean_type == "epsilon":
-            pred_xstart = self._predict_xstart_from_eps(x, t, mean_out)
-        else:
-            pred_xstart = mean_out
+        pred_xstart = self._predict_xstart(x, t, mean_out)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
@@ -411,10 +423,13 @@ class GaussianDiffusion:
                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses [B] for x_start [B,C,...] in [-1,1] at timesteps t [B] (indices of this process).
 
-        mse: mean over dims of (target - prediction)^2, target = noise (epsilon) or x_0 (xstart).
+        mse: mean over dims of (target - prediction)^2, target = noise (epsilon) or x_0 (xstart); for v the
+        x-space error times max(SNR_t, 1) (the v-space error itself would weigh it by SNR_t + 1).
         vb: L_t in bits/dim (unscaled; see vb_terms_bpd). For "hybrid" the mean part is detached inside vb, so L_t
-        trains only the variance channels; for "simple" vb is a detached diagnostic.
-        loss: simple -> mse; hybrid -> mse + vlb_weight * T * vb; vlb -> T * vb. Multiply by the sampler's weights.
+        trains only the variance channels; for "simple", and "hybrid" with a fixed variance (nothing for L_t to
+        train, as in improved-diffusion), vb is a detached diagnostic and loss = mse.
+        loss: simple -> mse; hybrid -> mse + vlb_weight * T * vb (learned variance) or mse (fixed); vlb -> T * vb.
+        Multiply by the sampler's weights.
         """
         self._check_t(t, x_start)  # the one range check (a device sync) of the step
         if noise is None:
@@ -426,18 +441,24 @@ class GaussianDiffusion:
         mean_out, var_out = self._split_output(model_output, x_start)
         xc = x_t.to(mean_out.dtype)
         T = self.num_timesteps
+        # vb trains something only if the variance is learned (hybrid) or always (vlb); otherwise a diagnostic
+        vb_trains = self.loss_type == "vlb" or (self.loss_type == "hybrid" and self.model_var_type == "learned_range")
         if self.loss_type == "vlb":
             vb = self._vb_from_dist(x_start, xc, t, self._output_to_dist(mean_out, var_out, xc, t, clip_denoised=False))
-        elif self.loss_type == "hybrid":  # stop-gradient on the mean part
+        elif vb_trains:  # hybrid: stop-gradient on the mean part
             dist = self._output_to_dist(mean_out.detach(), var_out, xc, t, clip_denoised=False)
             vb = self._vb_from_dist(x_start, xc, t, dist)
         else:
             with torch.no_grad():
                 dist = self._output_to_dist(mean_out, var_out, xc, t, clip_denoised=False)
                 vb = self._vb_from_dist(x_start, xc, t, dist)
-        target = noise if self.model_mean_type == "epsilon" else x_start
-        mse = mean_flat((target.to(mean_out.dtype) - mean_out) ** 2)
-        if self.loss_type == "simple":
+        if self.model_mean_type == "v":  # truncated-SNR weighted x-space error
+            err = x_start.to(mean_out.dtype) - self._predict_xstart_from_v(xc, t, mean_out)
+            mse = self._extract("truncated_snr", t, err).flatten() * mean_flat(err ** 2)
+        else:
+            target = noise if self.model_mean_type == "epsilon" else x_start
+            mse = mean_flat((target.to(mean_out.dtype) - mean_out) ** 2)
+        if not vb_trains:  # simple, or hybrid with a fixed variance: the gradient-free vb is not part of the loss
             loss = mse
         elif self.loss_type == "hybrid":
             loss = mse + self.vlb_weight * T * vb

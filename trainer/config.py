@@ -44,6 +44,10 @@ class RunSection:
     run_dir: str = option("", "output folder: checkpoints/, tb/, samples/, config.json (required)")
     seed: int = option(0, "seed of the initial weights, noise, timesteps and data order", frozen=True)
     recipe: str = ""  # the --recipe the run started from (recorded in config.json; not a setting of its own)
+    force_unlock: bool = option(False, "take over RUN_DIR/lock even when its holder may be alive (only for a run known "
+                                "to be dead on another host; a dead process on this host is taken over anyway)")
+    collective_timeout: float = option(300.0, "a collective (all-gather, barrier) making no progress this long ends "
+                                       "the job with exit 69 instead of hanging", unit="s", lower=1.0)
 
 
 @dataclass
@@ -111,6 +115,11 @@ class OptimSection:
     deepspeed_config: str = option("", "DeepSpeed JSON merged over the generated config", metavar="FILE")
     nonfinite_patience: int = option(20, "consecutive non-finite-loss steps before stopping", unit="steps",
                                      lower=1)
+    rollback: int = option(0, "on --nonfinite-patience: reload the last checkpoint, keep the data position (the "
+                           "offending batches are skipped) and scale the learning rate by --rollback-lr-factor; at most "
+                           "this many times per run (0 = stop with exit 3)", lower=0)
+    rollback_lr_factor: float = option(0.5, "learning-rate factor applied at each rollback", lower=0.0, upper=1.0,
+                                       lower_open=True)
 
 
 @dataclass
@@ -305,6 +314,9 @@ def validate(c: TrainConfig) -> None:
                          "--data 'shards/train-{000000..000003}.tar'")
     if not c.run.run_dir:
         raise UsageError("run.run_dir (--run-dir) is required (output folder)")
+    if c.diffusion.loss == "simple" and c.diffusion.learn_sigma and c.objective.name == "iddpm":
+        raise UsageError("diffusion.loss (--loss) simple with learned sigmas trains no variance: use --loss hybrid "
+                         "(what improved-diffusion trains for learned sigmas) or --no-learn-sigma")
     rates = c.ema_rates()
     try:
         if any(not 0.0 < float(r) < 1.0 for r in rates):

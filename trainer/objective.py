@@ -78,6 +78,10 @@ class Objective:
     def preview(self, model: torch.nn.Module, device: torch.device, seed: int) -> tuple[torch.Tensor, int] | None:
         return None
 
+    def figures(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Matplotlib figures {tag: figure} of the EMA network, written to TensorBoard with each preview grid."""
+        return {}
+
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -95,6 +99,9 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
 def load_builtin_objectives() -> None:
     """Import the objectives that ship with the trainer (each registers itself)."""
     importlib.import_module("trainer.iddpm")
+    importlib.import_module("trainer.vdm")
+    importlib.import_module("trainer.classifier")
+    importlib.import_module("trainer.distill")
 
 
 def _import(module: str):
