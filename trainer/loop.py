@@ -322,6 +322,8 @@ class Trainer:
             for r in rates:
                 model.load_state_dict({**weights.pop(r), **buffers}, strict=True)
                 out = self.objective.preview(model, self.device, self.cfg.run.seed + PREVIEW_SEED_OFFSET)
+                for tag, fig in self.objective.figures(model).items():
+                    self.writer.add_figure(f"{tag}/ema_{r}", fig, self.step)  # closes the figure
                 if out is None:
                     break
                 path = os.path.join(self.cfg.run.run_dir, "samples", f"ema{r}_step{self.step:08d}.png")
