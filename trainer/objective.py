@@ -82,10 +82,6 @@ class Objective:
         """Matplotlib figures {tag: figure} of the EMA network, written to TensorBoard with each preview grid."""
         return {}
 
-    def figures(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Matplotlib figures {tag: figure} of the EMA network, written to TensorBoard with each preview grid."""
-        return {}
-
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -103,7 +99,6 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
 def load_builtin_objectives() -> None:
     """Import the objectives that ship with the trainer (each registers itself)."""
     importlib.import_module("trainer.iddpm")
-    importlib.import_module("trainer.vdm")
     importlib.import_module("trainer.vdm")
     importlib.import_module("trainer.classifier")
     importlib.import_module("trainer.distill")
