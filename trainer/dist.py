@@ -4,14 +4,22 @@
 `srun`: SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS give the ranks; MASTER_ADDR/MASTER_PORT come from the environment
 (the sbatch script sets them). `mpiexec`: ranks come from mpi4py, rank 0's address and a free port are broadcast.
 No launcher: one rank on 127.0.0.1 and a free port. CPU uses gloo, CUDA uses NCCL (DeepSpeed's accelerator choice).
+
+Every collective (and the first rendezvous) has a timeout (`--collective-timeout`). When a collective fails (a peer
+died: gloo's "Connection reset by peer") or times out (a peer hung), `lost_rank_message` names the ranks whose
+processes are gone on this host (every rank's host and PID are exchanged once after start-up).
 """
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 from data.cli import UsageError
+from data.runlock import identity, process_alive
+
+PEERS: list[dict] = []  # every rank's {host, pid, start}, filled by `exchange_identities`
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,9 @@ def discover() -> Launch:
     return launch
 
 
-def init(launch: Launch) -> "torch.device":
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA); return this rank's device."""
+def init(launch: Launch, timeout_s: float = 300.0) -> "torch.device":
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA), every collective bounded by
+    `timeout_s`; return this rank's device."""
     import torch
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -75,5 +84,44 @@ def init(launch: Launch) -> "torch.device":
     else:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_init_required=True, auto_mpi_discovery=False,
-                               dist_backend=acc.communication_backend_name())
+                               dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
+    exchange_identities(launch.world)
     return device
+
+
+def exchange_identities(world: int) -> None:
+    """Collective: learn every rank's host, PID and process start time (for naming a dead rank later)."""
+    import torch.distributed as dist
+    me = identity()
+    table: list = [None] * world
+    dist.all_gather_object(table, {k: me[k] for k in ("host", "pid", "start")})
+    PEERS[:] = table
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """A failed or timed-out collective (peer died or hung), as opposed to a bug in this rank's own code."""
+    import torch.distributed as dist
+    text = str(e).lower()
+    return isinstance(e, (dist.DistError, ConnectionError, TimeoutError)) or isinstance(e, RuntimeError) and any(
+        k in text for k in ("connection reset", "connection closed", "connection refused", "broken pipe", "gloo",
+                            "nccl", "timed out", "timeout", "socket", "peer"))
+
+
+def lost_rank_message(rank: int, step: int, error: BaseException, timeout_s: float) -> str:
+    """One line: which rank(s) died (their process is gone on this host) or that a collective hung."""
+    here = socket.gethostname()
+    gone = [r for r, p in enumerate(PEERS)
+            if r != rank and p["host"] == here and not process_alive(p["pid"], p["start"])]
+    remote = sorted({p["host"] for p in PEERS if p["host"] != here})
+    first = " ".join(str(error).split())[:160]
+    if gone:
+        who = ", ".join(f"rank {r} (PID {PEERS[r]['pid']} on {here})" for r in gone)
+        what = f"{who} died"
+    elif "timed out" in first.lower() or "timeout" in first.lower():
+        what = f"a collective made no progress for {timeout_s:.0f} s (--collective-timeout): a rank hung or died"
+    else:
+        what = "a rank died or hung"
+    if not gone and remote:
+        what += f" (ranks on {', '.join(remote)} not checked from here)"
+    return (f"rank {rank} stopping at step {step}: {what} [{type(error).__name__}: {first}]; the job ends here; "
+            f"re-run the same command to resume from the newest intact checkpoint")

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from typing import Iterator
@@ -27,8 +28,8 @@ from data.errors import DataError
 from data.fsio import atomic_write_json
 from data.seeds import derive_seed
 from data.stream import TrainStream
-from trainer import EXIT_NONFINITE, EXIT_PREEMPTED
-from trainer.checkpoint import Checkpointer, read_json
+from trainer import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED
+from trainer.checkpoint import Checkpointer, SaveError, read_json, resume_point, set_aside
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, frozen_changes
 from trainer.dist import Launch, init
 from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
@@ -51,30 +52,26 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     """One training run of one objective on this rank. `run()` trains to `optim.total_steps` and returns the
-    exit code (0 done, 3 non-finite loss, 75 preempted)."""
+    exit code (0 done, 3 non-finite loss, 74 a checkpoint could not be written, 75 preempted)."""
 
     def __init__(self, cfg: TrainConfig, launch: Launch) -> None:
         self.cfg, self.rank, self.world, self.launcher = cfg, launch.rank, launch.world, launch.launcher
         self.micro, self.accum = batch_layout(cfg, self.world)
         self.ckpt = Checkpointer(cfg.run.run_dir, self.rank, self.world, cfg.checkpoint.keep)
-        self.resume_from = self.ckpt.latest()
+        # the newest intact checkpoint (every rank verifies it: the same files give the same choice everywhere)
+        self.resume_from, damaged = resume_point(cfg.run.run_dir, self._say)
         self._check_resume()
         self.stream, self.batches = self._open_data()  # a missing data set: one clear line before any process group
-        self.device = init(launch)
+        self.device = init(launch, cfg.run.collective_timeout)
+        if self.rank == 0:  # every rank has chosen its resume point by now (init is a rendezvous)
+            set_aside(damaged, self._say)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.objective: Objective = get_objective(cfg.objective.name)(cfg)
         self.ds_config = deepspeed_config(cfg, self.world)  # the user's JSON is read once
         self.engine = self._make_engine(self.objective.build_model())
-        if self.resume_from:
-            self.ckpt.load_engine(self.resume_from, self.engine)
-        # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed
-        # re-links its fragments)
-        shards, sharded = local_master_shards(self.engine, self.rank, self.world)
-        self.ema = EMA(cfg.ema_profiles(), shards, sharded, param_shapes(self.engine.module), self.device)
-        self.ema.check_coverage()
-        self.step = self.start_step = 0
-        if self.resume_from:
-            self.step = self.start_step = self.ckpt.load_rest(self.resume_from, ema=self.ema, objective=self.objective)
+        self.step = self.start_step = self.rollbacks = 0
+        self._load(self.resume_from)
+        self.start_step = self.step
         self.all_gather = mpi_all_gather() if cfg.objective.sampler_sync == "mpi" else torch_all_gather(self.device)
         self.dtype = DTYPES[cfg.optim.precision]
         self.metrics, self.stop = MetricSums(), Preemption()
@@ -103,6 +100,19 @@ class Trainer:
         if saved_world != self.world:
             raise UsageError(f"{self.resume_from} was saved by {saved_world} ranks, this job has {self.world}; "
                              f"resume with {saved_world} ranks (the data position is per rank)")
+
+    def _load(self, folder: str | None) -> None:
+        """Collective: the engine from `folder` (None: fresh), then the EMA shards, objective state, RNG and step."""
+        if folder:
+            self.ckpt.load_engine(folder, self.engine)
+        # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed
+        # re-links its fragments)
+        shards, sharded = local_master_shards(self.engine, self.rank, self.world)
+        self.ema = EMA(self.cfg.ema_profiles(), shards, sharded, param_shapes(self.engine.module), self.device)
+        self.ema.check_coverage()
+        if folder:
+            self.step = self.ckpt.load_rest(folder, ema=self.ema, objective=self.objective)
+            self.rollbacks = int(read_json(folder, "meta.json").get("rollbacks", 0))
 
     def _open_data(self) -> tuple[TrainStream, Iterator]:
         d = self.cfg.data
@@ -220,6 +230,11 @@ class Trainer:
             self.wait_since_log += self.wait
             self.step_time_since_log += time.perf_counter() - t0
             nonfinite_run = nonfinite_run + 1 if nonfinite else 0
+            if nonfinite_run >= cfg.optim.nonfinite_patience and self.rollbacks < cfg.optim.rollback \
+                    and self.ckpt.latest():
+                self.rollback(nonfinite_run)
+                nonfinite_run = 0
+                continue
             if nonfinite_run >= cfg.optim.nonfinite_patience:
                 self._say(f"loss non-finite for {nonfinite_run} consecutive steps (up to step {self.step}); "
                           f"stopping without saving; last good checkpoint: {self.ckpt.latest()}. Lower --lr, use "
@@ -229,8 +244,8 @@ class Trainer:
                 self.log()
             t_aside = time.perf_counter()  # checkpoints and grids are not training throughput
             if (self.step % cfg.checkpoint.save_every == 0 or self.step == cfg.optim.total_steps or preempted) \
-                    and nonfinite_run == 0:
-                self.save()
+                    and nonfinite_run == 0 and not self.save_or_fail():
+                return EXIT_SAVE_FAILED
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != cfg.optim.total_steps:
                 self.preview()
             if self._snapshot_due(preempted):
@@ -282,10 +297,45 @@ class Trainer:
         self.metrics.reset()
         self._reset_timers(now)
 
+    def save_or_fail(self) -> bool:
+        """Collective: `save`; False (after one line naming the path and the free space) when a write failed."""
+        try:
+            self.save()
+            return True
+        except SaveError as e:
+            free = shutil.disk_usage(self.ckpt.folder).free / 2**20
+            self._say(f"{e}; free space on {self.ckpt.folder}: {free:.1f} MiB; the latest checkpoint stays "
+                      f"{self.ckpt.latest()}; stopping (exit {EXIT_SAVE_FAILED}): free space or fix the permission, "
+                      f"then re-run the same command to resume", True)
+            return False
+
+    def rollback(self, nonfinite_run: int) -> None:
+        """Collective: reload the last checkpoint (weights, optimizer, EMA, objective, RNG, step) but keep the data
+        stream where it is, so the batches that led to the divergence are skipped; scale the learning rate."""
+        cfg, folder, before = self.cfg, self.ckpt.latest(), self.step
+        self._load(folder)
+        f = cfg.optim.rollback_lr_factor
+        self.rollbacks += 1
+        sched = self.engine.lr_scheduler
+        if sched is not None and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [lr * f for lr in sched.base_lrs]
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] *= f
+        self.metrics.reset()
+        self._reset_timers(time.perf_counter())
+        lr = self.engine.get_lr()[0]
+        self._say(f"loss non-finite for {nonfinite_run} consecutive steps (up to step {before}); rollback "
+                  f"{self.rollbacks}/{cfg.optim.rollback}: back to step {self.step} from {folder}, data position kept "
+                  f"(the batches of steps {self.step + 1}-{before} are skipped), learning rate x{f} -> {lr:.3g}", True)
+        if self.writer is not None:
+            self.writer.add_scalar("train/rollbacks", self.rollbacks, before)
+            self.writer.add_scalar("train/rollback_lr", lr, before)
+            self.writer.flush()
+
     def save(self) -> str:
         """Collective: a checkpoint of every component at the current step."""
         meta = {"objective": self.cfg.objective.name, **self.objective.export_config(),
-                "ema_rates": self.ema.rates}
+                "ema_rates": self.ema.rates, "rollbacks": self.rollbacks}
         return self.ckpt.save(self.step, engine=self.engine, ema=self.ema, objective=self.objective,
                               stream=self.stream, config=self.cfg.to_dict(), meta=meta)
 
