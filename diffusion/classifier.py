@@ -195,8 +195,8 @@ CLASSIFIER_PRESETS: dict[str, ClassifierConfig] = {
     # --classifier_attention_resolutions 32,16,8 --classifier_pool attention --classifier_resblock_updown True
     # --classifier_use_scale_shift_norm True; 64 channels per head, channel_mult 1,2,3,4): 65,438,568 parameters.
     "adm64": ClassifierConfig(),
-    # 16-px digits: 32 channels, 2 blocks per level, attention at 8 and 4 px, 8 norm groups.
-    "tiny16": ClassifierConfig(image_size=16, model_channels=32, num_res_blocks=2, attention_resolutions=(8, 4),
+    # 16-px digits: 32 channels, 1 block per level, attention at 8 px (and in the middle block), 8 norm groups.
+    "tiny16": ClassifierConfig(image_size=16, model_channels=32, num_res_blocks=1, attention_resolutions=(8,),
                                channel_mult=(1, 2, 2), num_classes=10, num_head_channels=32, num_groups=8),
 }
 
