@@ -4,6 +4,7 @@
     python -m data.prepare folder --out-dir DIR --name train /imagenet/train --size 64
     python -m data.prepare npz --out-dir DIR --name ref VIRTUAL_imagenet64_labeled.npz
     python -m data.prepare digits --out-dir DIR --size 16
+    python -m data.prepare webdataset 'wds/train-{000000..000099}.tar' --out-dir DIR --size 64  # --resize adm|area
 
 Writes ``DIR/NAME-000000.tar ...`` (``--shard-size`` samples each, keys = global sample index) and
 ``DIR/NAME-manifest.json`` last, so a manifest means "complete". A shard appears only by an atomic rename, so
@@ -29,10 +30,12 @@ import numpy as np
 from PIL import Image
 
 from .cli import ArgumentParser, UsageError, die, flag, run_cli
+from .decode import RESIZERS, _area_weights, area_resize, center_crop_adm, center_crop_area  # noqa: F401
 from .errors import DataError
 from .fsio import atomic_write_text
 from .seeds import derive_rng
-from .shards import FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, parse_tar, shard_entry, split_key, write_shard
+from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, parse_tar, read_shard, shard_entry, split_key,
+                     write_shard)
 
 PROG = "python -m data.prepare"
 
@@ -42,51 +45,6 @@ DIGITS_SIZES = (8, 16, 32, 64)
 
 
 # ----------------------------------------------------------------------------------------- image helpers
-def _area_weights(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix: output pixel i = mean of the input over [i, i+1) * n_in / n_out (exact overlaps)."""
-    edges = np.arange(n_out + 1) * (n_in / n_out)
-    j = np.arange(n_in)
-    overlap = np.minimum(edges[1:, None], j + 1) - np.maximum(edges[:-1, None], j)
-    return np.clip(overlap, 0, None) / (n_in / n_out)
-
-
-def area_resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """Exact area (box-filter) resize uint8 [h, w, 3] -> [size, size, 3], computed in float64 and rounded once.
-
-    (PIL's Image.BOX rounds after each of its two passes: about +0.5 grey levels of bias on average.)
-    """
-    h, w = arr.shape[:2]
-    out = np.tensordot(_area_weights(h, size), arr.astype(np.float64), axes=(1, 0))  # [size, w, 3]
-    out = np.tensordot(out, _area_weights(w, size), axes=(1, 1))  # [size, 3, size]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(0, 2, 1).copy()
-
-
-def center_crop_area(img: Image.Image, size: int) -> np.ndarray:
-    """Centre crop to a square, then exact area downsample to size x size. -> uint8 [size, size, 3]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    h, w = arr.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    arr = arr[top:top + s, left:left + s]
-    return np.ascontiguousarray(arr) if s == size else area_resize(arr, size)
-
-
-def center_crop_adm(img: Image.Image, size: int) -> np.ndarray:
-    """improved-diffusion/ADM loader: halve with a box filter while the short side >= 2 size, bicubic-resize
-    the short side to ``size``, then centre crop. -> uint8 [size, size, 3]."""
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-RESIZERS: dict[str, Callable[[Image.Image, int], np.ndarray]] = {"area": center_crop_area, "adm": center_crop_adm}
-
-
 def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits (0..16) -> uint8 [1797, size, size, 3] (bicubic upscale, grey as RGB), labels."""
     try:
@@ -112,10 +70,27 @@ class Job:
     files: list[str] | None = None
     size: int = 0
     resize: str = "area"
+    source: str | None = None  # a webdataset shard to decode (labels: ``labelled``, checked against num_classes)
+    labelled: bool = False
+    num_classes: int = 0
 
 
-def run_job(job: Job) -> tuple[dict, list[str]]:
-    """Write one shard (in a worker process). Returns its manifest entry and the files it had to skip."""
+def _from_webdataset(job: Job) -> tuple[dict, list[str], int]:
+    """Write the good samples of input shard ``job.source``, resized; key = input shard index - position."""
+    sd = read_shard(job.source, (job.size, job.size), labelled=job.labelled, num_classes=job.num_classes or None,
+                    resize=job.resize)  # type: ignore[arg-type]
+    keys = [f"{job.index:06d}-{p:06d}" for p in sd.positions.tolist()]
+    images = np.stack(sd.images) if len(sd) else np.zeros((0, job.size, job.size, 3), np.uint8)
+    entry = write_shard(job.path, keys, images, sd.labels if job.labelled else None)
+    entry["max_label"] = int(sd.labels.max()) if len(sd) else -1
+    return entry, sd.problems, sd.bad
+
+
+def run_job(job: Job) -> tuple[dict, list[str], int]:
+    """Write one shard (in a worker process). Returns its manifest entry, examples of the inputs it had to skip
+    and their number."""
+    if job.source is not None:
+        return _from_webdataset(job)
     keys, labels, images, skipped = job.keys, job.labels, job.images, []
     if job.files is not None:
         imgs, keep = [], []
@@ -130,7 +105,7 @@ def run_job(job: Job) -> tuple[dict, list[str]]:
         labels = None if labels is None else labels[keep]
         images = np.stack(imgs) if imgs else np.zeros((0, job.size, job.size, 3), np.uint8)
     entry = write_shard(job.path, keys, images, labels)
-    return entry, skipped
+    return entry, skipped, len(skipped)
 
 
 def _existing_entry(path: str) -> dict | None:
@@ -140,11 +115,12 @@ def _existing_entry(path: str) -> dict | None:
             data = f.read()
         members, damage = parse_tar(data)
         keys = {split_key(name)[0] for name, _, _ in members}
+        labels = [int(data[o:o + n]) for name, o, n in members if name.endswith(".cls")]
     except Exception:
         return None
     if damage:
         return None
-    return shard_entry(path, data, len(keys))
+    return {**shard_entry(path, data, len(keys)), "max_label": max(labels, default=-1)}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -166,6 +142,8 @@ class Dataset:
     settings: dict
     class_names: list[str] | None = None
     extra_files: dict[str, str] = field(default_factory=dict)  # file name -> text, written with the manifest
+    shards: int = 0  # number of shards when not total / shard_size (webdataset: one per input shard)
+    meta: dict = field(default_factory=dict)  # more manifest fields (webdataset: "conversion")
 
     def shard_path(self, i: int) -> str:
         return os.path.join(self.out, f"{self.name}-{i:06d}.tar")
@@ -176,7 +154,7 @@ class Dataset:
 
     @property
     def num_shards(self) -> int:
-        return (self.total + self.shard_size - 1) // self.shard_size
+        return self.shards or (self.total + self.shard_size - 1) // self.shard_size
 
 
 def check_out(ds: Dataset, overwrite: bool) -> None:
@@ -212,12 +190,15 @@ def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool
 
     entries: dict[int, dict] = {}
     skipped: list[str] = []
-    bar = tqdm(total=ds.total, unit="img", desc=f"{ds.name}", disable=not progress, file=sys.stderr)
+    n_skipped = 0
+    bar = tqdm(total=ds.total or None, unit="img", desc=f"{ds.name}", disable=not progress, file=sys.stderr)
 
-    def done(entry: dict, skip: list[str], index: int, n: int) -> None:
+    def done(entry: dict, skip: list[str], n_skip: int, index: int, n: int) -> None:
+        nonlocal n_skipped
         entries[index] = entry
         skipped.extend(skip)
-        bar.update(n)
+        n_skipped += n_skip
+        bar.update(n or entry["samples"] + n_skip)
 
     pool = cf.ProcessPoolExecutor(workers) if workers > 0 else None
     pending: dict[cf.Future, tuple[int, int]] = {}
@@ -241,6 +222,11 @@ def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool
         if i not in entries:
             entries[i] = _existing_entry(ds.shard_path(i))  # type: ignore[assignment]
     shards = [entries[i] for i in range(ds.num_shards)]
+    max_label = max((s.pop("max_label", -1) for s in shards), default=-1)
+    if ds.shards:  # webdataset: a shard whose samples were all bad is left out
+        shards = [s for s in shards if s["samples"]]
+    if ds.num_classes < 0:  # from the labels: max + 1
+        ds.num_classes = max_label + 1
     for name, text in ds.extra_files.items():
         atomic_write_text(os.path.join(ds.out, name), text)
     manifest = {
@@ -248,7 +234,7 @@ def write_dataset(ds: Dataset, jobs: Iterator[Job], workers: int, progress: bool
         "image_size": list(ds.image_size), "channels": 3, "num_classes": ds.num_classes,
         "class_names": ds.class_names, "total": sum(s["samples"] for s in shards), "shard_size": ds.shard_size,
         "source": ds.source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "skipped": len(skipped), "skipped_examples": skipped[:20], "shards": shards,
+        "skipped": n_skipped, "skipped_examples": skipped[:20], **ds.meta, "shards": shards,
     }
     _write_json(ds.manifest_path, manifest)
     progress_file = os.path.join(ds.out, f".{ds.name}-progress.json")
@@ -542,21 +528,64 @@ def prepare_digits(out_dir: str | os.PathLike[str], *, size: int = 16, val_fract
     return out
 
 
+def _peek_labelled(urls: list[str], size: int, resize: str) -> bool:
+    """Whether the source is labelled: decided by the first good sample of the first readable shard."""
+    for url in urls[:8]:
+        sd = read_shard(url, (size, size), labelled=None, num_classes=None, resize=resize)
+        if len(sd):
+            return bool((sd.labels >= 0).all())
+    raise DataError(f"no readable sample in the first {min(len(urls), 8)} shard(s) of {urls[0]}")
+
+
+def prepare_webdataset(source: str | Sequence[str], out_dir: str | os.PathLike[str], *, size: int = 64,
+                       resize: str = "adm", labels: bool = True, num_classes: int = 0, name: str = "train",
+                       workers: int = DEFAULT_WORKERS, overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """Shards of any webdataset (``source``: a pattern, glob, folder, comma list or list, as the streams take it;
+    image and label members as ``data.decode`` documents) -> our shards, every image centre-cropped and resized
+    to ``size`` with ``resize`` ("adm" or "area"). One output shard per input shard, keys ``SSSSSS-PPPPPP``
+    (input shard, position); bad samples are skipped and counted. ``labels=False``: unlabelled. ``num_classes``
+    0: max label + 1. Returns ``[manifest]``."""
+    from .sources import resolve
+
+    opts = WriteOptions(out_dir, name, 1, workers, overwrite, progress).checked(
+        _size_check(size),
+        (resize not in RESIZERS, f"--resize must be one of {', '.join(sorted(RESIZERS))}, got {resize!r}"),
+        (not _is_int(num_classes) or num_classes < 0, f"--num-classes must be an integer >= 0, got {num_classes!r}"))
+    urls = resolve(source).urls
+    labelled = labels and _peek_labelled(urls, size, resize)
+    spec = source if isinstance(source, str) else ",".join(os.fspath(x) for x in source)
+    settings = {"kind": "webdataset", "inputs": urls, "size": size, "resize": resize, "labels": labelled,
+                "num_classes": num_classes}
+    ds = opts.dataset(0, (size, size), (num_classes or -1) if labelled else 0,
+                      f"webdataset: {spec} ({len(urls)} shards, {resize} resize to {size})", settings)
+    ds.shards, ds.shard_size = len(urls), 0  # manifest shard_size 0: one output shard per input shard
+    ds.meta = {"conversion": {"from": "webdataset", "source": spec, "input_shards": len(urls), "size": size,
+                              "resize": resize, "labels": labelled}}
+    ds.extra_files = {f"{name}-inputs.txt": "".join(f"{i:06d} {u}\n" for i, u in enumerate(urls))}
+    check_out(ds, opts.overwrite)
+    jobs = (Job(i, ds.shard_path(i), [], None, size=size, resize=resize, source=urls[i], labelled=labelled,
+                num_classes=num_classes) for i in _todo(ds))
+    return [write_dataset(ds, jobs, opts.workers, opts.progress)]
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 RUNNERS: dict[str, Callable[..., list[dict]]] = {"npz-batches": prepare_npz_batches, "npz": prepare_npz,
-                                                 "folder": prepare_folder, "digits": prepare_digits}
+                                                 "folder": prepare_folder, "digits": prepare_digits,
+                                                 "webdataset": prepare_webdataset}
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="kind", metavar="{npz-batches,folder,npz,digits}", parser_class=ArgumentParser)
+    sub = p.add_subparsers(dest="kind", metavar="{npz-batches,folder,npz,digits,webdataset}",
+                           parser_class=ArgumentParser)
     sub.required = True
 
-    def common(q: ArgumentParser, name: bool = True) -> None:
+    def common(q: ArgumentParser, name: bool = True, shard_size: bool = True) -> None:
         q.add_argument("--out-dir", required=True, help="output folder (created)")
         if name:
             q.add_argument("--name", default="train", help="data set name: NAME-000000.tar, NAME-manifest.json")
-        q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        if shard_size:
+            q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
         q.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help="writer processes (0: in this process)")
         flag(q, "--overwrite", False, "delete and rebuild a complete data set")
@@ -585,6 +614,16 @@ def build_parser() -> ArgumentParser:
     q.add_argument("--val-fraction", type=float, default=0.2)
     q.add_argument("--seed", type=int, default=0, help="train/val split seed")
     common(q, name=False)
+    q = sub.add_parser("webdataset", help="shards of any webdataset (jpg/png/webp/npy images of any size, labels in "
+                                          "cls/label/txt/json): resized once, one output shard per input shard")
+    q.add_argument("source", help="shards: 'dir/train-{000000..000099}.tar', a glob, a folder or a comma list")
+    q.add_argument("--size", type=int, default=64, help="output side in pixels (default 64)")
+    q.add_argument("--resize", choices=sorted(RESIZERS), default="adm",
+                   help="adm (default): guided-diffusion's center_crop_arr (box halving, bicubic, centre crop); "
+                        "area: centre crop + exact area downsample")
+    flag(q, "--labels", True, "keep the labels (--no-labels: an unlabelled data set)")
+    q.add_argument("--num-classes", type=int, default=0, help="number of classes (default: max label + 1)")
+    common(q, shard_size=False)
     return p
 
 

@@ -9,9 +9,13 @@ Tars are plain ustar with zeroed metadata, so a shard's bytes (and its sha256) a
 its samples. The reader below parses tar headers itself (checksums verified) from one in-memory read of the
 shard: fast, and every kind of damage (truncation, a corrupt header, a member of the wrong size, a missing or
 out-of-range label) is caught per sample rather than ending the shard with an exception.
+
+The reader takes shards of other tools too (``webdataset.ShardWriter``, img2dataset, ...): image and label
+members as ``data.decode`` documents, images of any size resized on request, gzipped tars.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -21,15 +25,13 @@ from dataclasses import dataclass, field
 
 import blobfile as bf
 import numpy as np
-from PIL import Image
-
+from .decode import IMAGE_KEYS, decode_image, find_label
 from .errors import DataError
 from .fsio import atomic_write_bytes
 
 FORMAT = "iddpm-shards"
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = "-manifest.json"
-IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "ppm", "webp")
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -183,19 +185,6 @@ class ShardData:
         return len(self.labels)
 
 
-def _decode_other(ext: str, payload: bytes) -> np.ndarray:
-    if ext == "npy":
-        arr = np.load(io.BytesIO(payload), allow_pickle=False)
-    else:
-        with Image.open(io.BytesIO(payload)) as im:
-            arr = np.asarray(im.convert("RGB"))
-    if arr.dtype != np.uint8:
-        raise ValueError(f"dtype {arr.dtype}, expected uint8")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return arr
-
-
 def _group(members: list[tuple[str, int, int]]) -> list[dict[str, tuple[int, int]]]:
     """Tar members -> samples (runs of members sharing a key), each ``{ext: (offset, size)}``."""
     samples: list[dict[str, tuple[int, int]]] = []
@@ -209,56 +198,77 @@ def _group(members: list[tuple[str, int, int]]) -> list[dict[str, tuple[int, int
     return samples
 
 
+class MixedSizes(DataError):
+    """Images of several sizes in a source read without resizing."""
+
+
 def _image(buf: bytes, sample: dict[str, tuple[int, int]], shape: tuple[int, int] | None,
-           hdr: bytes) -> tuple[np.ndarray | None, str | None]:
+           hdr: bytes, resize: str | None, check: bool = True) -> tuple[np.ndarray | None, str | None]:
     """One sample's image, uint8 [H, W, 3], or (None, why not). ``hdr``: the ``.npy`` header of a (*shape, 3)
-    image; a member with exactly that header and size is a zero-copy view of ``buf`` (the fast path)."""
+    image; a member with exactly that header and size is a zero-copy view of ``buf`` (the fast path).
+    ``resize``: a ``decode.RESIZERS`` method that brings images of another size to ``shape`` (square);
+    ``check``: an image of another size is bad (else the caller decides)."""
     npy = sample.get("npy")
     if npy is not None and shape and npy[1] == len(hdr) + shape[0] * shape[1] * 3 and buf.startswith(hdr, npy[0]):
         return np.frombuffer(buf, np.uint8, npy[1] - len(hdr), npy[0] + len(hdr)).reshape(*shape, 3), None
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    ext = next((e for e in IMAGE_KEYS if e in sample), None)
     if ext is None:
         return None, "no image member"
     off, size = sample[ext]
     try:
-        arr = _decode_other(ext, buf[off:off + size])
-        if arr.ndim != 3 or arr.shape[2] != 3 or (shape and arr.shape[:2] != tuple(shape)):
-            raise ValueError(f"image of shape {arr.shape}, expected {(*shape, 3) if shape else 'H x W x 3'}")
+        arr = decode_image(ext, buf[off:off + size], shape[0] if (resize and shape) else None, resize or "adm")
     except Exception as e:
         return None, f"undecodable {ext} ({str(e)[:80]})"
+    if check and shape and arr.shape[:2] != tuple(shape):
+        return None, f"image of shape {arr.shape}, expected {(*shape, 3)}"
     return arr, None
 
 
 def _label(buf: bytes, sample: dict[str, tuple[int, int]], num_classes: int | None) -> tuple[int, str | None]:
-    """One sample's class index from its ``.cls`` member, or (-1 or the bad label, why it is bad)."""
-    cls = sample.get("cls")
-    if cls is None:
-        return -1, "missing label"
-    try:
-        label = int(buf[cls[0]:cls[0] + cls[1]])
-    except ValueError:
-        return -1, "unparseable label"
+    """One sample's class index (``decode.find_label``), or (-1 or the bad label, why it is bad)."""
+    label, why = find_label(buf, sample)
+    if label is None:
+        return -1, why or "missing label"
     if label < 0 or (num_classes and label >= num_classes):
         return label, f"label {label} out of range [0, {num_classes or 'inf'})"
     return label, None
 
 
+def _read(path: str, expected: int | None) -> tuple[bytes | None, ShardData | None]:
+    """The shard's bytes (gunzipped if gzip), or the ShardData of a shard lost as a whole."""
+    try:
+        buf = read_bytes(path)
+        if buf[:2] == b"\x1f\x8b":  # .tar.gz / .tgz, as webdataset reads them
+            buf = gzip.decompress(buf)
+        return buf, None
+    except Exception as e:  # missing, permission, network, bad gzip: all the same to the reader
+        lost = max(expected or 0, 1)
+        kind = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
+        no_pos = np.zeros(0, np.int64)
+        return None, ShardData(path, [], no_pos, no_pos, seen=lost, bad=lost, problems=[f"{path}: {kind}"])
+
+
+def _mixed(path: str, pos: int, got: tuple[int, ...], shape: tuple[int, int]) -> MixedSizes:
+    return MixedSizes(f"{path}: sample {pos} is {got[0]}x{got[1]} but earlier images are {shape[0]}x{shape[1]}; "
+                      f"images of several sizes must be resized: give an image size (TrainStream/EvalStream "
+                      f"image_size=..., trainer --resize adm) or convert once with python -m data.prepare webdataset")
+
+
 def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | None,
-               num_classes: int | None, expected: int | None = None) -> ShardData:
+               num_classes: int | None, expected: int | None = None, resize: str | None = None,
+               strict_shape: bool = False) -> ShardData:
     """Decode one shard, skipping and counting bad samples instead of raising.
 
     shape: (H, W) every image must have (None: the first good image decides). labelled: whether every sample
-    must carry a ``.cls`` (None: decided by the first sample). num_classes: labels must lie in [0, num_classes)
+    must carry a label (None: decided by the first good sample). num_classes: labels must lie in [0, num_classes)
     (None or 0 with labelled=True: only >= 0). expected: sample count from the manifest, used to count
-    samples lost to truncation or to a missing/unreadable/empty shard.
+    samples lost to truncation or to a missing/unreadable/empty shard. resize: ``decode.RESIZERS`` method for
+    images of another size than ``shape`` (square). strict_shape: a decodable image of another size raises
+    MixedSizes (a DataError) instead of being counted bad (for sources whose size no manifest records).
     """
-    no_pos = np.zeros(0, np.int64)
-    try:
-        buf = read_bytes(path)
-    except Exception as e:  # missing, permission, network: all the same to the reader
-        lost = max(expected or 0, 1)
-        kind = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
-        return ShardData(path, [], no_pos, no_pos, seen=lost, bad=lost, problems=[f"{path}: {kind}"])
+    buf, lost = _read(path, expected)
+    if buf is None:
+        return lost  # type: ignore[return-value]
     problems: list[str] = []
     members, damage = parse_tar(buf)
     if damage:
@@ -270,13 +280,15 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
     positions: list[int] = []
     bad = 0
     for pos, sample in enumerate(samples):
-        img, why = _image(buf, sample, shape, hdr)
+        img, why = _image(buf, sample, shape, hdr, resize, check=not strict_shape)
         label = -1
         if img is not None:
             if not shape:  # the first good image fixes the shape of the rest
                 shape, hdr = img.shape[:2], npy_header(img.shape)
+            elif strict_shape and img.shape[:2] != tuple(shape):
+                raise _mixed(path, pos, img.shape, shape)
             if labelled is None:
-                labelled = "cls" in sample
+                labelled = find_label(buf, sample) != (None, None)
             if labelled:
                 label, why = _label(buf, sample, num_classes)
         if why is not None:
@@ -301,10 +313,10 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
 def count_samples(path: str) -> int:
     """Samples (runs of members sharing a key) in a shard, without decoding; 1 for an empty/unreadable one
     (it will be counted as one bad sample)."""
-    try:
-        members, _ = parse_tar(read_bytes(path))
-    except Exception:
+    buf, _ = _read(path, None)
+    if buf is None:
         return 1
+    members, _ = parse_tar(buf)
     keys = [split_key(name)[0] for name, _, _ in members]
     return max(1, sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]))
 

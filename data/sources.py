@@ -82,13 +82,32 @@ def _expand(spec: str) -> list[str]:
     return out
 
 
+def _split_commas(spec: str) -> list[str]:
+    """``a.tar,b/{0..3}.tar`` -> [``a.tar``, ``b/{0..3}.tar``]: commas outside braces separate specs, unless the
+    whole string names an existing file (a comma in a file name)."""
+    parts, depth, cur = [], 0, ""
+    for c in spec:
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+    parts.append(cur)
+    if len(parts) == 1 or _exists(_norm(spec)):
+        return [spec]
+    return [p.strip() for p in parts if p.strip()]
+
+
 def resolve(source: SourceLike) -> Source:
     """Resolve ``source`` to shard URLs plus whatever a manifest tells about them.
 
     Accepted: a manifest JSON; a folder holding one manifest (or only .tar files); a brace pattern
-    ``dir/train-{000000..000099}.tar``; a glob ``dir/*.tar``; a local path or blobfile URL; a list of these.
+    ``dir/train-{000000..000099}.tar``; a glob ``dir/*.tar``; a local path or blobfile URL; a list of these,
+    or a comma-separated string of them (as trainer ``--data`` takes it).
     """
     specs = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
+    specs = [part for spec in specs for part in _split_commas(spec)]
     if not specs:
         raise DataError("empty data source: give a manifest, a folder, a shard pattern or a list of shards")
     parts: list[Source] = []
@@ -98,7 +117,7 @@ def resolve(source: SourceLike) -> Source:
         plain = not any(c in spec for c in "{*?[")
         if plain and spec.endswith(".json"):
             parts.append(_from_manifest(_norm(spec)))
-        elif plain and not spec.endswith(".tar") and bf.isdir(_norm(spec)):
+        elif plain and not spec.endswith((".tar", ".tar.gz", ".tgz")) and bf.isdir(_norm(spec)):
             folder = _norm(spec)
             found = _manifests_in(folder)
             if len(found) == 1:
@@ -107,7 +126,7 @@ def resolve(source: SourceLike) -> Source:
                 names = ", ".join(bf.basename(f) for f in found)
                 raise DataError(f"folder {folder} holds several data sets ({names}): pass one manifest path")
             else:
-                tars = _in_folder(folder, "*.tar")
+                tars = sorted(_in_folder(folder, "*.tar") + _in_folder(folder, "*.tar.gz") + _in_folder(folder, "*.tgz"))
                 if not tars:
                     raise DataError(f"folder {folder} holds no manifest and no .tar shards")
                 parts.append(Source(tars))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .decode import DEFAULT_RESIZE, RESIZERS
 from .seeds import derive_rng
 from .shards import ShardData, count_samples, read_shard
 from .sources import Source, SourceLike, resolve
@@ -96,11 +97,12 @@ class _BadData:
                             f"exceed max_bad_fraction={self.max_bad_fraction}: {named}")
 
 
-def _peek(src: Source) -> tuple[tuple[int, int], bool]:
-    """Image size and labelled-ness from the first readable sample (only when no manifest says)."""
+def _peek(src: Source, shape: tuple[int, int] | None, resize: str | None) -> tuple[tuple[int, int], bool]:
+    """Image size and labelled-ness from the first shard with a readable sample (when no manifest says). Without
+    ``shape`` the first image sets the size, and another size in that shard raises MixedSizes at once."""
     for url in src.urls[:8]:
-        sd = read_shard(url, src.shape, labelled=None if src.num_classes is None else src.num_classes > 0,
-                        num_classes=src.num_classes)
+        sd = read_shard(url, shape, labelled=None if src.num_classes is None else src.num_classes > 0,
+                        num_classes=src.num_classes, resize=resize, strict_shape=shape is None)
         if len(sd):
             labelled = bool((sd.labels >= 0).all()) if src.num_classes is None else src.num_classes > 0
             return (int(sd.images[0].shape[0]), int(sd.images[0].shape[1])), labelled
@@ -108,23 +110,35 @@ def _peek(src: Source) -> tuple[tuple[int, int], bool]:
 
 
 class _Spec:
-    """What every worker needs to know about the data (picklable, small)."""
+    """What every worker needs to know about the data (picklable, small).
 
-    def __init__(self, source: SourceLike, max_bad_fraction: float) -> None:
+    image_size: every image becomes image_size x image_size, resized with ``decode.RESIZERS[resize]`` when it
+    has another size (None: no resizing; a source without a manifest must then hold one image size)."""
+
+    def __init__(self, source: SourceLike, max_bad_fraction: float, image_size: int | None = None,
+                 resize: str = DEFAULT_RESIZE) -> None:
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if image_size is not None:
+            _check_int("image_size", image_size, 1)
+        if resize not in RESIZERS:
+            raise ValueError(f"resize must be one of {', '.join(sorted(RESIZERS))}, got {resize!r}")
         src = resolve(source)
+        target = None if image_size is None else (int(image_size), int(image_size))
+        self.resize = resize if target is not None and tuple(src.shape or ()) != target else None
         if src.shape is None or src.num_classes is None:
-            shape, labelled = _peek(src)
+            shape, labelled = _peek(src, target, self.resize)
         else:
             shape, labelled = src.shape, src.num_classes > 0
-        self.urls, self.counts, self.shape = src.urls, src.counts, tuple(shape)
+        self.urls, self.counts, self.shape = src.urls, src.counts, tuple(target or shape)
         self.labelled, self.num_classes = labelled, src.num_classes or None
         self.max_bad_fraction = max_bad_fraction
+        self.strict = src.shape is None and self.resize is None  # size from a peek: another size = mixed sizes
 
     def read(self, i: int) -> ShardData:
         return read_shard(self.urls[i], self.shape, labelled=self.labelled, num_classes=self.num_classes,
-                          expected=None if self.counts is None else self.counts[i])
+                          expected=None if self.counts is None else self.counts[i], resize=self.resize,
+                          strict_shape=self.strict)
 
 
 def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
@@ -238,13 +252,14 @@ class TrainStream:
     def __init__(self, source: SourceLike, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, flip: bool = True, state: dict | None = None,
                  max_bad_fraction: float = 0.01, shards_per_block: int = 4, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None) -> None:
+                 multiprocessing_context: str | None = None, image_size: int | None = None,
+                 resize: str = DEFAULT_RESIZE) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self.seed, self.num_workers = _check_int("seed", seed, 0), _check_int("num_workers", num_workers, 0)
         self.shards_per_block = _check_int("shards_per_block", shards_per_block, 1)
         self.flip, self.prefetch_factor, self.mp_context = bool(flip), prefetch_factor, multiprocessing_context
-        self.spec = _Spec(source, max_bad_fraction)
+        self.spec = _Spec(source, max_bad_fraction, image_size, resize)
         self.image_size: tuple[int, int] = self.spec.shape  # (H, W)
         self.num_classes: int | None = self.spec.num_classes
         W = max(1, self.num_workers)
@@ -366,11 +381,12 @@ class EvalStream:
 
     def __init__(self, source: SourceLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, max_bad_fraction: float = 0.01,
-                 multiprocessing_context: str | None = None) -> None:
+                 multiprocessing_context: str | None = None, image_size: int | None = None,
+                 resize: str = DEFAULT_RESIZE) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self.num_workers, self.mp_context = _check_int("num_workers", num_workers, 0), multiprocessing_context
-        self.spec = _Spec(source, max_bad_fraction)
+        self.spec = _Spec(source, max_bad_fraction, image_size, resize)
         self.image_size, self.num_classes = self.spec.shape, self.spec.num_classes
         counts = self.spec.counts
         if counts is None:  # no manifest: count members once (reads every shard)
