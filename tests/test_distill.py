@@ -1,0 +1,148 @@
+"""Progressive distillation (#16): the student's target against two teacher DDIM steps taken by our ddim_sample,
+one real round (trainer.distill -> trainer.main -> export) that halves the steps and lowers the two-step loss,
+resume of a finished plan, and bad input (one line, exit 2)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusion import ClassifierFreeGuidance, create_diffusion
+from diffusion.distill import step_grid, teacher_ddim_target
+from diffusion.presets import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore::FutureWarning")
+
+
+def micro(image_size: int = 8, num_classes: int | None = None) -> ModelConfig:
+    return ModelConfig(image_size=image_size, model_channels=8, num_res_blocks=1, attention_resolutions=(),
+                       channel_mult=(1, 2), num_classes=num_classes, num_groups=4)
+
+
+def test_step_grids_nest_and_end_at_pure_noise():
+    for T in (64, 1000, 1500, 4000):
+        for K in (1, 2, 4, 16, 32):
+            assert step_grid(T, 2 * K)[1::2] == step_grid(T, K)
+            assert step_grid(T, K)[-1] == T - 1 and len(set(step_grid(T, K))) == K
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_target_equals_two_teacher_ddim_steps(guided):
+    torch.manual_seed(0)
+    cfg = micro(num_classes=3 if guided else None)
+    net = cfg.build().double().eval()
+    teacher = ClassifierFreeGuidance(net, 1.5, 3) if guided else net
+    kw = {"y": torch.tensor([0, 1, 2, 0])} if guided else {}
+    Dt = create_diffusion(steps=64, distilled_steps=8)  # the teacher: epsilon, learned sigma, 8 DDIM steps
+    Ds = create_diffusion(steps=64, distilled_steps=4, model_mean_type="v")  # the student: 4 steps, v
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * 1.2
+    j = torch.tensor([0, 1, 2, 3])
+    target = teacher_ddim_target(teacher, Dt, x_t, 2 * j + 1, model_kwargs=kw)
+    with torch.no_grad():  # two steps of our sampler, 2j+1 -> 2j -> 2j-1 (the last one ends at x_0)
+        z = Dt.ddim_sample(teacher, x_t, 2 * j + 1, clip_denoised=True, model_kwargs=kw)["sample"]
+        z = Dt.ddim_sample(teacher, z, 2 * j, clip_denoised=True, model_kwargs=kw)["sample"]
+    ab = torch.as_tensor(Ds.alphas_cumprod)[j].reshape(-1, 1, 1, 1)
+
+    def student(x, t, **_):  # the v whose x_0 is the target, plus (unused) variance channels
+        assert t.tolist() == [step_grid(64, 4)[k] for k in j.tolist()]
+        return torch.cat([(ab.sqrt() * x - target) / (1 - ab).sqrt(), torch.zeros_like(x)], dim=1)
+    one = Ds.ddim_sample(student, x_t, j, clip_denoised=False)["sample"]
+    torch.testing.assert_close(one, z, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(target[0], z[0], rtol=1e-9, atol=1e-9)  # student step 0 ends at x_0 itself
+    # substeps 1 (the v conversion): the x_0 of one teacher step at the teacher's own grid
+    one_step = teacher_ddim_target(teacher, Dt, x_t, j, substeps=1, model_kwargs=kw)
+    with torch.no_grad():
+        ref = Dt.p_mean_variance(teacher, x_t, j, clip_denoised=True, model_kwargs=kw)["pred_xstart"]
+    torch.testing.assert_close(one_step, ref, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- real rounds
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from trainer.export import save_exported
+    out = tmp_path_factory.mktemp("distill")
+    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", str(out / "digits"), "--size", "16",
+                    "--no-progress"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    torch.manual_seed(0)
+    paths = {}
+    for name, size in (("teacher", 16), ("teacher8", 8)):
+        cfg = micro(size)
+        paths[name] = str(out / f"{name}.safetensors")
+        save_exported(paths[name], cfg.build().state_dict(), cfg.to_dict(),
+                      {"steps": 64, "noise_schedule": "cosine", "learn_sigma": True}, step=0, ema="model")
+    return {"data": str(out / "digits" / "train-manifest.json"), "out": str(out / "run"), **paths}
+
+
+def _distill(setup, *extra: str, teacher: str | None = None) -> list[str]:
+    return ["--teacher", teacher or setup["teacher"], "--data", setup["data"], "--out-dir", setup["out"], *extra]
+
+
+def _two_step_loss(setup, weights: dict[str, torch.Tensor]) -> float:
+    """The distillation loss of the 4 -> 2 round on fixed data and draws, for the given student weights."""
+    from data.stream import TrainStream
+    from trainer.config import parse_config
+    from trainer.objective import get_objective
+    cfg = parse_config(["--objective", "distill", "--teacher", setup["teacher"], "--teacher-steps", "4",
+                        "--data", setup["data"], "--run-dir", "unused"])
+    obj = get_objective("distill")(cfg)
+    model = obj.build_model()
+    model.load_state_dict(weights)
+    x, y = next(iter(TrainStream(setup["data"], 256, seed=5, flip=False)))
+    with torch.no_grad():
+        loss, _ = obj.loss(lambda a, t, **kw: model(a, t, **kw), (x, y), torch.Generator().manual_seed(7))
+    return float(loss.mean())
+
+
+@pytest.mark.slow
+def test_one_round_halves_steps_and_lowers_the_two_step_loss(setup):
+    from evaluations.io import load_model
+    from safetensors.torch import load_file
+    args = _distill(setup, "--teacher-steps", "4", "--final-steps", "2", "--no-convert", "--steps-per-round", "40",
+                    "--", "--global-batch", "16", "--lr", "2e-3", "--ema", "0.5", "--log-every", "20",
+                    "--save-every", "20", "--sample-grid", "4")
+    r = subprocess.run([sys.executable, "-m", "trainer.distill", *args], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rd = os.path.join(setup["out"], "round00-4to2")
+    with open(os.path.join(setup["out"], "distill.json")) as f:
+        plan = json.load(f)
+    assert [(x["teacher_steps"], x["student_steps"]) for x in plan["rounds"]] == [(4, 2)]
+    assert plan["images"] == 40 * 16 and plan["final"] == os.path.join(rd, "model.safetensors")
+    model, diffusion, meta = load_model(plan["final"], respacing="ddim2")
+    assert meta["diffusion"]["distilled_steps"] == 2 and meta["diffusion"]["model_mean_type"] == "v"
+    assert list(diffusion.timestep_map) == step_grid(64, 2) == [31, 63]
+    x = diffusion.ddim_sample_loop(model, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 16, 16) and bool(x.abs().le(1).all())
+    before = _two_step_loss(setup, load_file(setup["teacher"]))
+    after = _two_step_loss(setup, load_file(plan["final"]))
+    assert after < 0.5 * before, (before, after)
+    # the same command again: the finished round is skipped (resumable at any round), the record unchanged
+    from trainer.distill.__main__ import main
+    assert main(args) == 0
+    with open(os.path.join(setup["out"], "distill.json")) as f:
+        assert json.load(f) == plan
+
+
+@pytest.mark.parametrize("extra, teacher, message", [
+    (["--teacher-steps", "6"], None, "--teacher-steps 6: must be a power of two"),
+    (["--teacher-steps", "8", "--final-steps", "3"], None, "--final-steps 3: must be a power of two"),
+    (["--teacher-steps", "8"], "missing.safetensors", "no such file"),
+    (["--teacher-steps", "8"], "teacher8", "trained on 8 px images but the data are 16 px"),
+])
+def test_bad_input_is_one_line_exit_2(setup, capsys, extra, teacher, message):
+    from trainer.distill.__main__ import main
+    if teacher == "missing.safetensors":
+        teacher = os.path.join(setup["out"], teacher)
+    elif teacher:
+        teacher = setup[teacher]
+    with pytest.raises(SystemExit) as e:
+        main(_distill(setup, *extra, teacher=teacher))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
