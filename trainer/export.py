@@ -1,6 +1,7 @@
 """Consolidated weights that leave the trainer: safetensors + JSON config.
 
     python -m trainer.export RUN_DIR --ema 0.9999 --out model.safetensors
+    python -m trainer.export RUN_DIR --format diffusers --out-dir DIR      (trainer/export_diffusers.py)
 
 writes `model.safetensors` (fp32 state dict) and `model.json`
 `{"model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int, "ema": str}`.
@@ -90,6 +91,20 @@ def _number(text: str) -> float | None:
 def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
     """Export EMA `ema` (a rate such as 0.9999, a tracked power-function EMA such as phema_0.05, or "model") from
     the latest checkpoint of `run_dir` to `out`."""
+    state, meta, key = run_weights(run_dir, ema)
+    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]), ema=key)
+
+
+def default_ema(run_dir: str) -> str:
+    """The run's first EMA rate, or "model" for a run without EMAs."""
+    with open(os.path.join(resolve_checkpoint(run_dir), "meta.json")) as f:
+        rates = json.load(f).get("ema_rates", [])
+    return str(rates[0]) if rates else "model"
+
+
+def run_weights(run_dir: str, ema: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(state dict, checkpoint meta with "model"/"diffusion"/"step", the EMA's name) of EMA `ema` (see export_run)
+    in the latest checkpoint of `run_dir`."""
     from safetensors.torch import load_file
     ckpt = resolve_checkpoint(run_dir)
     with open(os.path.join(ckpt, "meta.json")) as f:
@@ -106,9 +121,7 @@ def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
         src = os.path.join(ckpt, f"ema_{key}.safetensors")
     if not os.path.isfile(src):
         raise UsageError(f"checkpoint {ckpt} lacks {os.path.basename(src)}")
-    state = load_file(src, device="cpu")
-    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]),
-                         ema=ema if ema == "model" else key)
+    return load_file(src, device="cpu"), meta, (ema if ema == "model" else key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +136,21 @@ def _main(argv: list[str] | None) -> int:
                    help="EMA to export: a rate, e.g. 0.9999 (default: the run's first), a tracked power-function EMA "
                         "(phema_0.05), or 'model' for the raw weights")
     p.add_argument("--out", default=None, help="output .safetensors path (default RUN_DIR/model_ema<rate>.safetensors)")
+    p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors",
+                   help="safetensors: our weights + JSON (--out); diffusers: a folder with unet/ (UNet2DModel) and "
+                        "scheduler/ (DDPMScheduler) subfolders (--out-dir); see trainer/export_diffusers.py")
+    p.add_argument("--out-dir", default=None, help="output folder of --format diffusers")
     a = p.parse_args(argv)
+    if a.format == "diffusers":
+        from trainer.export_diffusers import export_diffusers
+        if a.out_dir is None or a.out is not None:
+            raise UsageError("--format diffusers writes a folder: pass --out-dir DIR (not --out)")
+        print(f"wrote {export_diffusers(a.run_dir, a.out_dir, ema=a.ema)}")
+        return 0
+    if a.out_dir is not None:
+        raise UsageError("--out-dir is for --format diffusers; --format safetensors writes one file: pass --out FILE")
     if a.ema is None:
-        ckpt = resolve_checkpoint(a.run_dir)
-        with open(os.path.join(ckpt, "meta.json")) as f:
-            rates = json.load(f).get("ema_rates", [])
-        a.ema = str(rates[0]) if rates else "model"
+        a.ema = default_ema(a.run_dir)
     out = a.out or os.path.join(a.run_dir, f"model_ema{a.ema}.safetensors")
     if not out.endswith(".safetensors"):
         raise UsageError(f"--out {out}: the file name must end in .safetensors")
