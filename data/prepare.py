@@ -34,8 +34,8 @@ from .decode import RESIZERS, _area_weights, area_resize, center_crop_adm, cente
 from .errors import DataError
 from .fsio import atomic_write_text
 from .seeds import derive_rng
-from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, parse_tar, read_shard, shard_entry, split_key,
-                     write_shard)
+from .shards import (FORMAT, FORMAT_VERSION, MANIFEST_SUFFIX, first_sample, parse_tar, read_shard, shard_entry,
+                     split_key, write_shard)
 
 PROG = "python -m data.prepare"
 
@@ -528,12 +528,12 @@ def prepare_digits(out_dir: str | os.PathLike[str], *, size: int = 16, val_fract
     return out
 
 
-def _peek_labelled(urls: list[str], size: int, resize: str) -> bool:
+def _peek_labelled(urls: list[str]) -> bool:
     """Whether the source is labelled: decided by the first good sample of the first readable shard."""
     for url in urls[:8]:
-        sd = read_shard(url, (size, size), labelled=None, num_classes=None, resize=resize)
-        if len(sd):
-            return bool((sd.labels >= 0).all())
+        first = first_sample(url)
+        if first is not None:
+            return first[1]
     raise DataError(f"no readable sample in the first {min(len(urls), 8)} shard(s) of {urls[0]}")
 
 
@@ -552,7 +552,7 @@ def prepare_webdataset(source: str | Sequence[str], out_dir: str | os.PathLike[s
         (resize not in RESIZERS, f"--resize must be one of {', '.join(sorted(RESIZERS))}, got {resize!r}"),
         (not _is_int(num_classes) or num_classes < 0, f"--num-classes must be an integer >= 0, got {num_classes!r}"))
     urls = resolve(source).urls
-    labelled = labels and _peek_labelled(urls, size, resize)
+    labelled = labels and _peek_labelled(urls)
     spec = source if isinstance(source, str) else ",".join(os.fspath(x) for x in source)
     settings = {"kind": "webdataset", "inputs": urls, "size": size, "resize": resize, "labels": labelled,
                 "num_classes": num_classes}

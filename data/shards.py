@@ -310,6 +310,19 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
                      seen=max(found, expected or 0, 1 if found == 0 else 0), bad=bad, problems=problems)
 
 
+def first_sample(path: str) -> tuple[tuple[int, int], bool] | None:
+    """(image size (H, W), has a label) of the first sample of a shard whose image decodes; None if none does.
+    Decodes only up to that sample."""
+    buf, _ = _read(path, None)
+    if buf is None:
+        return None
+    for sample in _group(parse_tar(buf)[0]):
+        img, why = _image(buf, sample, None, b"", None)
+        if img is not None:
+            return (int(img.shape[0]), int(img.shape[1])), find_label(buf, sample) != (None, None)
+    return None
+
+
 def count_samples(path: str) -> int:
     """Samples (runs of members sharing a key) in a shard, without decoding; 1 for an empty/unreadable one
     (it will be counted as one bad sample)."""

@@ -28,7 +28,7 @@ import torch
 from .errors import DataError
 from .decode import DEFAULT_RESIZE, RESIZERS
 from .seeds import derive_rng
-from .shards import ShardData, count_samples, read_shard
+from .shards import ShardData, count_samples, first_sample, read_shard
 from .sources import Source, SourceLike, resolve
 
 log = logging.getLogger("data")
@@ -98,11 +98,17 @@ class _BadData:
 
 
 def _peek(src: Source, shape: tuple[int, int] | None, resize: str | None) -> tuple[tuple[int, int], bool]:
-    """Image size and labelled-ness from the first shard with a readable sample (when no manifest says). Without
-    ``shape`` the first image sets the size, and another size in that shard raises MixedSizes at once."""
+    """Image size and labelled-ness from the first shard with a readable sample (when no manifest says). With
+    ``shape`` (images are resized to it) only the first decodable sample is read; without, the first image sets
+    the size and another size anywhere in that shard raises MixedSizes at once."""
     for url in src.urls[:8]:
+        if shape is not None:  # resized anyway: only labelled-ness is wanted, from the first decodable sample
+            first = first_sample(url)
+            if first is not None:
+                return shape, first[1] if src.num_classes is None else src.num_classes > 0
+            continue
         sd = read_shard(url, shape, labelled=None if src.num_classes is None else src.num_classes > 0,
-                        num_classes=src.num_classes, resize=resize, strict_shape=shape is None)
+                        num_classes=src.num_classes, resize=resize, strict_shape=True)
         if len(sd):
             labelled = bool((sd.labels >= 0).all()) if src.num_classes is None else src.num_classes > 0
             return (int(sd.images[0].shape[0]), int(sd.images[0].shape[1])), labelled
