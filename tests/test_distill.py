@@ -122,7 +122,7 @@ def test_one_round_halves_steps_and_lowers_the_two_step_loss(setup):
     assert x.shape == (2, 3, 16, 16) and bool(x.abs().le(1).all())
     before = _two_step_loss(setup, load_file(setup["teacher"]))
     after = _two_step_loss(setup, load_file(plan["final"]))
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.75 * before, (before, after)
     # the same command again: the finished round is skipped (resumable at any round), the record unchanged
     from trainer.distill.__main__ import main
     assert main(args) == 0

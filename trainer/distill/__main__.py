@@ -42,12 +42,17 @@ def round_dir(out_dir: str, index: int, n: int, substeps: int) -> str:
     return os.path.join(out_dir, f"round{index:02d}-{n}v" if substeps == 1 else f"round{index:02d}-{n}to{n // 2}")
 
 
-def run_round(cmd: list[str], run_dir: str, export_ema: str | None) -> str:
-    """Train one round (resuming if it started before) and export it; returns the export path."""
+def run_round(cmd: list[str], run_dir: str, export_ema: str | None, index: int = 0) -> str:
+    """Train one round (resuming if it started before) and export it; returns the export path. With MASTER_PORT
+    set (a multi-node launcher), round i rendezvouses on MASTER_PORT + i % 4, so successive rounds never meet on
+    one port."""
     from trainer.export import export_run, resolve_checkpoint
     os.makedirs(run_dir, exist_ok=True)
     print("trainer.distill: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    code = subprocess.call(cmd)
+    env = dict(os.environ)
+    if env.get("MASTER_PORT", "").isdigit():
+        env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + index % 4)
+    code = subprocess.call(cmd, env=env)
     if code:
         raise SystemExit(code)
     ckpt = resolve_checkpoint(run_dir)
@@ -113,7 +118,7 @@ def _main(argv: list[str] | None) -> int:
                 "--objective", "distill", "--teacher", teacher, "--teacher-steps", str(n), "--substeps", str(r),
                 "--teacher-guidance", str(a.teacher_guidance if i == 0 else 0.0), "--data", a.data,
                 "--run-dir", rd, "--total-steps", str(steps)] + extra
-            run_round(cmd, rd, a.export_ema)
+            run_round(cmd, rd, a.export_ema, i)
         records.append(round_record(rd, n, r, teacher))
         atomic_write_json(os.path.join(a.out_dir, "distill.json"),
                           {"rounds": records, "images": sum(x["images"] for x in records), "final": out})

@@ -1,0 +1,179 @@
+"""Study: progressive distillation of the shared 16-px digits model, 256 DDIM steps -> 4, judged by a classifier
+that took no part in training and by a pixel-space Frechet distance to the real digits.
+
+    python -m benchmarks.distill_digits --teacher /work/shared_models/uncond16/model.safetensors \\
+        --data /work/shared_models/digits16 --out-dir /work/distill_runs/digits [--steps-per-round 250]
+
+1. `python -m trainer.distill` (resumes; finished rounds are skipped): v conversion at 256 steps, then 256 -> 128
+   -> ... -> 4, each round --steps-per-round optimizer steps at batch 64.
+2. The judge: scikit-learn logistic regression on the real training digits' pixels (one channel, [0, 1]); its
+   accuracy on the real validation digits is reported. The models are unconditional, so a sample is judged by the
+   judge's confidence: the share of samples whose top class has probability >= 0.9 ("confident"), the mean top
+   probability, and the entropy of the predicted-class histogram (log2 10 = 3.32 bits for all classes equally).
+3. `evaluations.sweep_steps`: teacher DDIM and respaced DDPM at several step counts, the students at their own
+   steps, the same noise for all; FD of pixel features to the real training digits.
+4. benchmarks/results/distill_digits.md/.json/.png, with the distillation's cost in images processed next to the
+   teacher's training (its checkpoint meta step x global batch).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from data.fsio import atomic_write_json, atomic_write_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def real_digits(manifest: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images of a shard set (uint8 [N, H, W, 3]) and labels [N]."""
+    from data.stream import EvalStream
+    from evaluations.sweep_steps import to_uint8
+    xs, ys = [], []
+    for x, y, _ in EvalStream(manifest, 256):
+        xs.append(to_uint8(x))
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def judge(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> tuple[Any, float]:
+    """Logistic regression on real pixels (channel 0 / 255) -> (classifier, accuracy on the validation digits)."""
+    from sklearn.linear_model import LogisticRegression
+    clf = LogisticRegression(max_iter=2000, C=0.5)
+    clf.fit(train[0][..., 0].reshape(len(train[0]), -1) / 255.0, train[1])
+    acc = float((clf.predict(val[0][..., 0].reshape(len(val[0]), -1) / 255.0) == val[1]).mean())
+    return clf, acc
+
+
+def scorers(clf: Any) -> dict[str, Any]:
+    def probs(images: np.ndarray) -> np.ndarray:
+        return clf.predict_proba(images[..., 0].reshape(len(images), -1) / 255.0)
+
+    def entropy(images: np.ndarray) -> float:
+        h = np.bincount(probs(images).argmax(1), minlength=10) / len(images)
+        return round(float(-(h[h > 0] * np.log2(h[h > 0])).sum()), 3)
+    return {"confident": lambda im: round(float((probs(im).max(1) >= 0.9).mean()), 4),
+            "mean_top_p": lambda im: round(float(probs(im).max(1).mean()), 4),
+            "class_entropy_bits": entropy}
+
+
+def teacher_cost(teacher: str) -> dict[str, Any]:
+    """Images the teacher's training processed: its export's step x its run's global batch (config.json beside
+    the checkpoints, when the export sits in its run dir)."""
+    with open(os.path.splitext(teacher)[0] + ".json") as f:
+        step = int(json.load(f)["step"])
+    cfg_path = os.path.join(os.path.dirname(teacher), "config.json")
+    batch = None
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            batch = int(json.load(f)["optim"]["global_batch"])
+    return {"optimizer_steps": step, "global_batch": batch, "images": step * batch if batch else None}
+
+
+def run_distill(a: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "trainer.distill", "--teacher", a.teacher, "--teacher-steps", str(a.teacher_steps),
+           "--final-steps", "4", "--data", os.path.join(a.data, "train-manifest.json"), "--out-dir", a.out_dir,
+           "--steps-per-round", str(a.steps_per_round), "--", "--global-batch", "64", "--lr", str(a.lr),
+           "--ema", "0.98", "--log-every", "25", "--save-every", "50", "--no-flip"]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    with open(os.path.join(a.out_dir, "distill.json")) as f:
+        return {"command": " ".join(cmd), **json.load(f)}
+
+
+def markdown(rep: dict[str, Any], sweep_md: str) -> str:
+    d, t = rep["distill"], rep["teacher_cost"]
+    rounds = "\n".join(f"| {r['teacher_steps']} -> {r['student_steps']} | {r['optimizer_steps']} | "
+                       f"{r['global_batch']} | {r['images']} |" for r in d["rounds"])
+    return f"""# Progressive distillation on the 16-px digits (`benchmarks/distill_digits.py`)
+
+Date {rep['date']}; machine: {rep['machine']} (shared with other engineers' jobs; times are upper bounds).
+Command: `{rep['command']}`
+
+Teacher: `{rep['teacher']}` (tiny16, epsilon prediction, learned sigma, cosine, T=1000). Distillation:
+`{d['command']}`. The first round converts the epsilon teacher to a v-predicting student at 256 steps (target:
+one teacher DDIM step); then every round halves the steps (target: two teacher DDIM steps, eta 0, clipped x_0,
+truncated-SNR weighting). Rounds were kept small because the CPU is shared: {rep['steps_per_round']} optimizer
+steps each at batch 64, lr {rep['lr']}, EMA 0.98 (exported).
+
+## Cost in images processed
+
+| round | optimizer steps | batch | images |
+|---|---:|---:|---:|
+{rounds}
+| **distillation, all rounds** | | | **{d['images']}** |
+| teacher's training | {t['optimizer_steps']} | {t['global_batch']} | {t['images']} |
+
+Each distillation image goes once through the student (forward and backward) and `substeps` (1 or 2) times
+through the teacher (forward only).
+
+## Judge
+
+Logistic regression on the real training digits' pixels; accuracy on the {rep['val_images']} real validation
+digits: **{rep['judge_val_accuracy']:.3f}**. On the real training digits themselves: confident
+{rep['real']['confident']}, mean top p {rep['real']['mean_top_p']}, class entropy {rep['real']['class_entropy_bits']}
+bits; FD(pixels) of the real validation digits to the training digits: {rep['real_val_fd']:.3f} (the noise floor
+of FD at this sample size).
+
+## Quality against steps
+
+{sweep_md.split(chr(10), 2)[2]}
+![FD against steps](distill_digits.png)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="/work/shared_models/uncond16/model.safetensors")
+    p.add_argument("--data", default="/work/shared_models/digits16", help="folder with train- and val-manifest.json")
+    p.add_argument("--out-dir", default="/work/distill_runs/digits")
+    p.add_argument("--teacher-steps", type=int, default=256)
+    p.add_argument("--steps-per-round", type=int, default=250)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--ddim", default="4,8,16,32,64,128,256")
+    p.add_argument("--ddpm", default="16,256")
+    a = p.parse_args(argv)
+    from evaluations.features import create_extractor, extract
+    from evaluations.metrics import frechet_distance
+    from evaluations.sweep_steps import students_of, sweep, _ints
+    distill = run_distill(a)
+    train, val = real_digits(os.path.join(a.data, "train-manifest.json")), \
+        real_digits(os.path.join(a.data, "val-manifest.json"))
+    ref = os.path.join(a.out_dir, "real_train.npz")
+    np.savez(ref, arr_0=train[0])
+    clf, acc = judge(train, val)
+    sc = scorers(clf)
+    fr, fv = (extract(x[0], create_extractor("pixels")) for x in (train, val))
+    rep = sweep(a.teacher, ref, os.path.join(a.out_dir, "sweep"), students=students_of(a.out_dir),
+                ddim=_ints(a.ddim, "--ddim"), ddpm=_ints(a.ddpm, "--ddpm"), num_samples=a.num_samples,
+                scorers=sc)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": f"{model}, {os.cpu_count()} CPUs (nproc), {platform.platform()}",
+           "command": "python -m benchmarks.distill_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "teacher": a.teacher, "steps_per_round": a.steps_per_round, "lr": a.lr, "distill": distill,
+           "teacher_cost": teacher_cost(a.teacher), "judge_val_accuracy": acc, "val_images": int(len(val[0])),
+           "real": {k: f(train[0]) for k, f in sc.items()},
+           "real_val_fd": float(frechet_distance(fv["mu"], fv["sigma"], fr["mu"], fr["sigma"])), "sweep": rep}
+    from evaluations.sweep_steps import markdown as sweep_markdown, plot
+    os.makedirs(RESULTS, exist_ok=True)
+    atomic_write_json(os.path.join(RESULTS, "distill_digits.json"), out)
+    atomic_write_text(os.path.join(RESULTS, "distill_digits.md"), markdown(out, sweep_markdown(rep)))
+    plot(rep, os.path.join(RESULTS, "distill_digits.png"))
+    print(markdown(out, sweep_markdown(rep)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
