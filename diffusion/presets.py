@@ -20,19 +20,25 @@ from typing import Any
 
 import torch
 
-from .unet import UNetModel
+from .unet import SuperResModel, UNetModel
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a UNetModel; JSON-serialisable through to_dict()."""
+    """Everything needed to rebuild a UNetModel; JSON-serialisable through to_dict().
+
+    The last four fields describe checkpoints converted from improved-/guided-diffusion (trainer.convert):
+    num_heads_upsample (decoder heads, -1 = num_heads), null_label (False: no extra label row, so no
+    classifier-free guidance), timestep_scale (1000 / T for rescale_timesteps), super_res (SuperResModel: the
+    model also takes low_res [B, in_channels, h, w]). channel_mult may be fractional (0.5 at 512 px).
+    """
 
     image_size: int = 64
     in_channels: int = 3
     model_channels: int = 64
     num_res_blocks: int = 3
     attention_resolutions: tuple[int, ...] = (16, 8)
-    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    channel_mult: tuple[float, ...] = (1, 2, 3, 4)
     num_classes: int | None = 1000
     learn_sigma: bool = True
     dropout: float = 0.0
@@ -42,6 +48,10 @@ class ModelConfig:
     resblock_updown: bool = False
     num_groups: int = 32
     use_checkpoint: bool = False
+    num_heads_upsample: int = -1
+    null_label: bool = True
+    timestep_scale: float = 1.0
+    super_res: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -67,13 +77,16 @@ class ModelConfig:
         return ModelConfig.from_dict(d)
 
     def build(self) -> UNetModel:
-        return UNetModel(image_size=self.image_size, in_channels=self.in_channels,
+        return (SuperResModel if self.super_res else UNetModel)(
+                         image_size=self.image_size, in_channels=self.in_channels,
                          model_channels=self.model_channels, out_channels=self.out_channels,
                          num_res_blocks=self.num_res_blocks, attention_resolutions=self.attention_resolutions,
                          dropout=self.dropout, channel_mult=self.channel_mult, num_classes=self.num_classes,
                          use_checkpoint=self.use_checkpoint, num_heads=self.num_heads,
                          num_head_channels=self.num_head_channels, use_scale_shift_norm=self.use_scale_shift_norm,
-                         resblock_updown=self.resblock_updown, num_groups=self.num_groups)
+                         resblock_updown=self.resblock_updown, num_groups=self.num_groups,
+                         num_heads_upsample=self.num_heads_upsample, null_label=self.null_label,
+                         timestep_scale=self.timestep_scale)
 
 
 PRESETS: dict[str, ModelConfig] = {

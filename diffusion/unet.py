@@ -138,10 +138,14 @@ class UNetModel(nn.Module):
     """ADM / Improved-DDPM UNet. Call as model(x [B, in_channels, H, W], t [B] int, y [B] int64 or None).
 
     attention_resolutions are in pixels (e.g. (16, 8) at 64 px) and must be among the resolutions reached.
-    Heads: num_head_channels > 0 fixes the channels per head, otherwise num_heads fixes the head count.
-    num_classes: class-conditional with labels 0..num_classes-1 plus the null label num_classes (for
-    classifier-free guidance); None for an unconditional model. use_checkpoint: recompute each block in the
-    backward pass (non-reentrant torch.utils.checkpoint; may be switched at any time).
+    Heads: num_head_channels > 0 fixes the channels per head, otherwise num_heads fixes the head count
+    (num_heads_upsample in the decoder; -1 = num_heads). channel_mult may be fractional (level channels are
+    int(mult * model_channels); the input conv already has the first level's channels).
+    num_classes: class-conditional with labels 0..num_classes-1 plus, if null_label, the null label num_classes
+    (for classifier-free guidance); None for an unconditional model. timestep_scale: the embedding sees
+    t * timestep_scale (1000 / T for checkpoints trained with improved-diffusion's rescale_timesteps).
+    use_checkpoint: recompute each block in the backward pass (non-reentrant torch.utils.checkpoint; may be
+    switched at any time).
     """
 
     def __init__(self, *, image_size: int, in_channels: int = 3, model_channels: int = 128,
@@ -149,7 +153,8 @@ class UNetModel(nn.Module):
                  dropout: float = 0.0, channel_mult: Sequence[int] = (1, 2, 3, 4), num_classes: int | None = None,
                  use_checkpoint: bool = False, num_heads: int = 4, num_head_channels: int = -1,
                  use_scale_shift_norm: bool = True, resblock_updown: bool = False, conv_resample: bool = True,
-                 num_groups: int = 32) -> None:
+                 num_groups: int = 32, num_heads_upsample: int = -1, null_label: bool = True,
+                 timestep_scale: float = 1.0) -> None:
         super().__init__()
         levels = len(channel_mult)
         allowed = reachable_resolutions(image_size, levels)
@@ -160,22 +165,28 @@ class UNetModel(nn.Module):
             raise ValueError(f"attention resolution(s) {bad} are never reached at image_size {image_size} with "
                              f"{levels} levels; allowed: {allowed}")
         for m in channel_mult:
-            if (model_channels * m) % num_groups:
-                raise ValueError(f"channels {model_channels * m} are not divisible by num_groups {num_groups}")
+            if int(model_channels * m) % num_groups or int(model_channels * m) < 1:
+                raise ValueError(f"channels {int(model_channels * m)} are not a positive multiple of num_groups "
+                                 f"{num_groups}")
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes, self.use_checkpoint = model_channels, num_classes, use_checkpoint
-        self.num_groups = num_groups
+        self.num_groups, self.timestep_scale = num_groups, float(timestep_scale)
         attn_res = set(attention_resolutions)
         emb_ch = 4 * model_channels
+        chs = [int(m * model_channels) for m in channel_mult]  # channels per level
 
-        def heads(ch: int) -> int:
+        def heads(ch: int, n: int = num_heads) -> int:
             if num_head_channels > 0:
                 if ch % num_head_channels:
                     raise ValueError(f"attention channels {ch} are not divisible by num_head_channels {num_head_channels}")
                 return ch // num_head_channels
-            return num_heads
+            return n
+
+        def attn_up(ch: int, r: int) -> AttentionBlock | None:
+            n = num_heads if num_heads_upsample == -1 else num_heads_upsample
+            return AttentionBlock(ch, heads(ch, n), num_groups=num_groups) if r in attn_res else None
 
         def res(i: int, o: int, **kw) -> ResBlock:
             return ResBlock(i, o, emb_ch, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
@@ -185,15 +196,15 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, heads(ch), num_groups=num_groups) if r in attn_res else None
 
         self.time_embed = nn.Sequential(CastLinear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
-        self.conv_in = CastConv2d(in_channels, model_channels, 3, padding=1)
+        self.label_emb = nn.Embedding(num_classes + int(null_label), emb_ch) if num_classes is not None else None
+        self.conv_in = CastConv2d(in_channels, chs[0], 3, padding=1)
 
-        ch, r, chans = model_channels, image_size, [model_channels]
+        ch, r, chans = chs[0], image_size, [chs[0]]
         self.enc = nn.ModuleList()
-        for level, mult in enumerate(channel_mult):
+        for level in range(levels):
             for _ in range(num_res_blocks):
-                self.enc.append(UNetBlock(res(ch, mult * model_channels), attn(mult * model_channels, r)))
-                ch = mult * model_channels
+                self.enc.append(UNetBlock(res(ch, chs[level]), attn(chs[level], r)))
+                ch = chs[level]
                 chans.append(ch)
             if level != levels - 1:
                 body = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
@@ -203,10 +214,10 @@ class UNetModel(nn.Module):
         self.mid = nn.ModuleList([UNetBlock(res(ch, ch), AttentionBlock(ch, heads(ch), num_groups=num_groups)),
                                   UNetBlock(res(ch, ch))])
         self.dec = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        for level in reversed(range(levels)):
             for i in range(num_res_blocks + 1):
-                out = mult * model_channels
-                self.dec.append(UNetBlock(res(ch + chans.pop(), out), attn(out, r), takes_skip=True))
+                out = chs[level]
+                self.dec.append(UNetBlock(res(ch + chans.pop(), out), attn_up(out, r), takes_skip=True))
                 ch = out
                 if level and i == num_res_blocks:
                     body = res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample)
@@ -227,6 +238,8 @@ class UNetModel(nn.Module):
             raise ValueError("class-conditional model needs y (use y = num_classes for the null label)"
                              if y is None else "unconditional model (num_classes=None) takes no labels y")
         # Parameters may be bf16/fp16 (a DeepSpeed engine) or fp32 (autocast): the Cast* layers cast inputs.
+        if self.timestep_scale != 1.0:
+            t = t.float() * self.timestep_scale
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
@@ -241,3 +254,22 @@ class UNetModel(nn.Module):
         for blk in self.dec:
             h = self._run(blk, h, emb, skips.pop() if blk.takes_skip else None)
         return self.conv_out(self.norm_out(h)).to(x.dtype)
+
+
+class SuperResModel(UNetModel):
+    """A UNet conditioned on a low-resolution image: model(x [B, C, H, W], t, y, low_res=[B, C, h, w]).
+
+    low_res is upsampled bilinearly (align_corners=False) to H x W and concatenated after x, so the input conv
+    takes 2 * in_channels channels; everything else is UNetModel(**kwargs) (Improved DDPM / ADM super-resolution).
+    """
+
+    def __init__(self, *, in_channels: int = 3, **kwargs) -> None:
+        super().__init__(in_channels=2 * in_channels, **kwargs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                low_res: torch.Tensor | None = None) -> torch.Tensor:
+        if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != x.shape[:2]:
+            raise ValueError(f"super-resolution model needs low_res [B, {x.shape[1]}, h, w] matching x "
+                             f"{tuple(x.shape)}, got {None if low_res is None else tuple(low_res.shape)}")
+        up = F.interpolate(low_res.to(x.dtype), x.shape[2:], mode="bilinear", align_corners=False)
+        return super().forward(torch.cat([x, up], dim=1), t, y)
