@@ -23,6 +23,11 @@ def _presets() -> list[str]:
     return list(PRESETS)
 
 
+def _resizers() -> list[str]:
+    from data.decode import RESIZERS
+    return list(RESIZERS)
+
+
 def _schedules() -> tuple[str, ...]:
     from diffusion import SCHEDULES
     return SCHEDULES
@@ -55,6 +60,11 @@ class DataSection:
     source: str = option("", "training shards: manifest path, brace pattern or comma list (required)", flag="--data")
     workers: int = option(0, "data loader worker processes per rank", lower=0)
     flip: bool = option(True, "random horizontal flips")
+    image_size: int | None = option(None, "centre-crop and resize every image of another size to this side when "
+                                    "read (shards of mixed sizes need it); default: images as stored", unit="px",
+                                    lower=1, frozen=True, flag="--data-image-size")
+    resize: str = option("adm", "read-time resize of --data-image-size: adm (guided-diffusion's center_crop_arr) "
+                         "or area (centre crop, exact area average); see docs/data.md", choices=_resizers)
     max_bad_fraction: float = option(0.01, "stop when more than this fraction of samples is unreadable",
                                      lower=0.0, upper=1.0)
 

@@ -119,7 +119,8 @@ class Trainer:
         state = self.ckpt.data_state(self.resume_from) if self.resume_from else None
         try:
             stream = TrainStream(d.source, self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.run.seed,
-                                 num_workers=d.workers, flip=d.flip, state=state, max_bad_fraction=d.max_bad_fraction)
+                                 num_workers=d.workers, flip=d.flip, state=state, max_bad_fraction=d.max_bad_fraction,
+                                 image_size=d.image_size, resize=d.resize)
             return stream, iter(stream)
         except DataError as e:
             raise UsageError(f"--data {d.source}: {e}") from None
