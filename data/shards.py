@@ -251,7 +251,8 @@ def _read(path: str, expected: int | None) -> tuple[bytes | None, ShardData | No
 def _mixed(path: str, pos: int, got: tuple[int, ...], shape: tuple[int, int]) -> MixedSizes:
     return MixedSizes(f"{path}: sample {pos} is {got[0]}x{got[1]} but earlier images are {shape[0]}x{shape[1]}; "
                       f"images of several sizes must be resized: give an image size (TrainStream/EvalStream "
-                      f"image_size=..., trainer --resize adm) or convert once with python -m data.prepare webdataset")
+                      f"image_size=..., trainer --data-image-size N) or convert once with "
+                      f"python -m data.prepare webdataset")
 
 
 def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | None,

@@ -230,3 +230,29 @@ def test_bad_input_is_one_line_exit_2(wds_dir, tmp_path, capsys):
     assert e.value.code == 2 and "matches no files" in capsys.readouterr().err
     with pytest.raises(ValueError, match="resize must be one of"):
         EvalStream(pattern(wds_dir), 4, image_size=SIZE, resize="nearest")
+
+
+def _trainer(args: list[str], tmp_path) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "RANK", "WORLD_SIZE",
+                                                                    "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=root, PYTHONWARNINGS="ignore::FutureWarning")
+    return subprocess.run([sys.executable, "-m", "trainer.main", *args, "--run-dir", str(tmp_path / "run")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_trainer_data_flags(wds_dir, tmp_path):
+    """trainer --data takes the ShardWriter pattern: mixed sizes are one line and exit 2 without
+    --data-image-size, and train with it (unconditional tiny16: the labels are there but unused)."""
+    base = ["--data", pattern(wds_dir), "--model-size", "tiny16", "--diffusion-steps", "20", "--global-batch", "4",
+            "--num-classes", "0", "--total-steps", "2", "--save-every", "2", "--sample-every", "0", "--sample-respacing", "4"]
+    r = _trainer(base, tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert r.returncode == 2 and len(lines) == 1 and "--data-image-size" in lines[0], r.stderr[-2000:]
+    r = _trainer([*base, "--data-image-size", "16", "--resize", "area"], tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = json.load(open(tmp_path / "run" / "config.json"))
+    assert cfg["data"]["image_size"] == 16 and cfg["data"]["resize"] == "area"
