@@ -30,6 +30,8 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
     from trainer.export import load_exported
     if not os.path.isfile(path):
         raise UsageError(f"--model {path}: no such file (export one with python -m trainer.export RUN_DIR)")
+    if _export_kind(path) == "encoder_classifier":
+        raise UsageError(f"--model {path} is a classifier, not a diffusion model; pass it as --classifier")
     try:
         model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -39,6 +41,45 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
     except ValueError as e:                     # e.g. a respacing that does not divide the process
         raise UsageError(f"{what}: {e}") from None
     return model, diffusion, meta
+
+
+def _export_kind(path: str) -> str | None:
+    """The "kind" of the model config in the JSON beside exported weights (None: a UNet or no readable JSON)."""
+    import json
+    try:
+        with open(os.path.splitext(path)[0] + ".json") as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model.get("kind") if isinstance(model, dict) else None
+
+
+def load_classifier(path: str, device: str | torch.device = "cpu", *, what: str = "--classifier"
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Exported classifier weights (a `--objective classifier` run, trainer.export) -> (EncoderClassifier in eval
+    mode on `device`, meta: {"model": ClassifierConfig dict, "diffusion": the process it was trained for, ...}).
+    A missing file, a diffusion model (UNet) or broken weights is a UsageError naming `what`."""
+    import json
+    from safetensors.torch import load_file
+    from diffusion.classifier import KIND, create_classifier_from_config
+    jpath = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path}: no such file (train one with --objective classifier, then trainer.export)")
+    try:
+        with open(jpath) as f:
+            meta = json.load(f)
+        model_cfg = meta["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{what} {path}: no readable JSON config beside it ({jpath}: {e})") from None
+    if not isinstance(model_cfg, dict) or model_cfg.get("kind") != KIND:
+        raise UsageError(f"{what} {path} is a diffusion model (UNet), not a classifier; pass a classifier exported "
+                         f"from a --objective classifier run")
+    try:
+        model = create_classifier_from_config(model_cfg)
+        model.load_state_dict(load_file(path, device="cpu"), strict=True)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        raise UsageError(f"{what} {path}: cannot load the classifier ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), meta
 
 
 def inference_parser(prog: str, doc: str) -> ArgumentParser:

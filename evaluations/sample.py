@@ -1,7 +1,8 @@
 """Draw N samples from an exported model on any number of ranks into one npz (guided-diffusion's format).
 
     python -m evaluations.sample --model model.safetensors --num-samples N --batch-size B --out samples.npz \
-        [--respace 250 | --ddim 50 --eta 0] [--guidance-scale W] [--labels LABELS.npy | --class-label K] [--seed S]
+        [--respace 250 | --ddim 50 --eta 0] [--guidance-scale W] [--labels LABELS.npy | --class-label K] [--seed S] \
+        [--classifier CLF.safetensors --classifier-scale S]
 
 Launch with python, torchrun/deepspeed, srun or mpiexec: the N samples are cut into ceil(N / B) global batches and
 batch b runs on rank b % world. Batch b draws its labels, x_T and every sampler noise from a CPU generator seeded by
@@ -69,7 +70,8 @@ def load_labels(labels: str | np.ndarray, n: int, num_classes: int) -> np.ndarra
 
 
 def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: int | None, eta: float,
-                  guidance_scale: float, labels: Any, class_label: int | None) -> None:
+                  guidance_scale: float, labels: Any, class_label: int | None, classifier: str | None = None,
+                  classifier_scale: float = 1.0) -> None:
     """Refuse contradictory or out-of-range sampling options (UsageError, one line)."""
     if num_samples < 1 or batch_size < 1:
         raise UsageError("--num-samples and --batch-size must be positive integers")
@@ -83,20 +85,26 @@ def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: 
         raise UsageError("--guidance-scale must be >= 0")
     if labels is not None and class_label is not None:
         raise UsageError("give either --labels or --class-label, not both")
+    if not classifier_scale >= 0:
+        raise UsageError(f"--classifier-scale {classifier_scale}: must be >= 0 (0 = unguided)")
 
 
 def sample_batch(diffusion, model, shape: tuple[int, ...], seed: int, *, num_classes: int | None,
-                 labels: np.ndarray | None, ddim: bool, eta: float, clip: bool, device: torch.device
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One batch: labels (uniform unless given), x_T and step noise from a CPU generator seeded by `seed`."""
+                 labels: np.ndarray | None, ddim: bool, eta: float, clip: bool, device: torch.device,
+                 cond_fn: Any = None, conditional_model: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """One batch: labels (uniform unless given), x_T and step noise from a CPU generator seeded by `seed`.
+    cond_fn: classifier guidance (labels reach it as y). An unconditional model guided by a classifier
+    (conditional_model False) draws its labels from a generator of its own, derive_seed(seed, 1), so that its
+    images at guidance scale 0 equal unguided sampling bitwise."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     kwargs = {}
     y = None
     if num_classes is not None:
-        y = torch.from_numpy(labels) if labels is not None else torch.randint(num_classes, (shape[0],), generator=g)
+        gy = g if conditional_model else torch.Generator(device="cpu").manual_seed(derive_seed(seed, 1))
+        y = torch.from_numpy(labels) if labels is not None else torch.randint(num_classes, (shape[0],), generator=gy)
         kwargs["y"] = y.to(device)
     noise = torch.randn(shape, generator=g).to(device)
-    common = dict(noise=noise, clip_denoised=clip, model_kwargs=kwargs, device=device, generator=g)
+    common = dict(noise=noise, clip_denoised=clip, model_kwargs=kwargs, device=device, generator=g, cond_fn=cond_fn)
     with torch.no_grad():
         x = diffusion.ddim_sample_loop(model, shape, eta=eta, **common) if ddim else \
             diffusion.p_sample_loop(model, shape, **common)
@@ -112,15 +120,22 @@ class _Job:
     num_classes: int | None
     shape: tuple[int, int, int]         # (C, H, W) of one image
     settings: dict[str, Any]            # parts on disk and a finished output are reused only when this matches
+    cond_fn: Any = None                 # classifier guidance (diffusion.guidance.classifier_cond_fn), or None
+    conditional_model: bool = True      # False: an unconditional model whose labels only steer the classifier
 
 
 def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: int, respace: str | None,
              ddim: int | None, eta: float, guidance_scale: float, labels: str | np.ndarray | None,
-             class_label: int | None, seed: int, clip: bool) -> _Job:
+             class_label: int | None, seed: int, clip: bool, classifier: str | None = None,
+             classifier_scale: float = 1.0) -> _Job:
     from diffusion.guidance import ClassifierFreeGuidance
     respacing = f"ddim{ddim}" if ddim else (respace or "")
     net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim")
     num_classes = meta["model"].get("num_classes")
+    conditional, cond_fn, guide = num_classes is not None, None, {}
+    if classifier is not None:
+        cond_fn, num_classes = _classifier_guidance(classifier, classifier_scale, net, meta, device)
+        guide = {"classifier": os.path.abspath(classifier), "classifier_scale": classifier_scale}
     fixed = None
     if labels is not None or class_label is not None:
         if num_classes is None:
@@ -132,16 +147,52 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
         else:
             fixed = np.full(num_samples, class_label, dtype=np.int64)
     if guidance_scale:
-        if num_classes is None:
+        if not conditional:
             raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
         net = ClassifierFreeGuidance(net, guidance_scale, num_classes)
     settings = {"model": os.path.abspath(model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
                 "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
                 "sampler": "ddim" if ddim else "ddpm", "timestep_respacing": respacing, "eta": eta,
                 "guidance_scale": guidance_scale, "clip_denoised": clip, "class_label": class_label,
-                "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None}
+                "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None, **guide}
     size = meta["model"]["image_size"]
-    return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings)
+    if not conditional and classifier is not None:
+        net = _DropLabels(net)
+    return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings,
+                cond_fn, conditional)
+
+
+class _DropLabels:
+    """An unconditional model called with the classifier's labels y: they are dropped before the model."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        return self.model(x, t, **kw)
+
+
+def _classifier_guidance(path: str, scale: float, model: torch.nn.Module, meta: dict[str, Any],
+                         device: torch.device) -> tuple[Any, int]:
+    """Load and check the classifier at `path` against the diffusion model -> (cond_fn or None at scale 0, the
+    number of classes). It runs on the model's device in the model's parameter dtype."""
+    from diffusion.guidance import classifier_cond_fn
+    from evaluations.io import load_classifier
+    clf, cmeta = load_classifier(path, device)
+    c, m = cmeta["model"], meta["model"]
+    for key, default in (("image_size", None), ("in_channels", 3)):
+        if c.get(key, default) != m.get(key, default):
+            raise UsageError(f"--classifier {path}: {key} {c.get(key, default)} but the model's is "
+                             f"{m.get(key, default)}; use a classifier trained for this model's images")
+    if m.get("num_classes") is not None and c["num_classes"] != m["num_classes"]:
+        raise UsageError(f"--classifier {path}: {c['num_classes']} classes but the model has {m['num_classes']}")
+    cd, md = cmeta.get("diffusion") or {}, meta.get("diffusion") or {}
+    for key in ("steps", "noise_schedule"):
+        if key in cd and key in md and cd[key] != md[key]:
+            raise UsageError(f"--classifier {path} was trained for diffusion {key} {cd[key]}, the model uses "
+                             f"{md[key]}; its timesteps would not match")
+    clf.to(next(model.parameters()).dtype)
+    return (classifier_cond_fn(clf, scale) if scale > 0 else None), int(c["num_classes"])
 
 
 def _part(parts: str, b: int) -> str:
@@ -203,6 +254,7 @@ def _sample_share(job: _Job, todo: list[int], *, n: int, bs: int, seed: int, ddi
         m = min(bs, n - b * bs)
         imgs, ys = sample_batch(job.diffusion, job.net, (m, *job.shape), derive_seed(seed, b),
                                 num_classes=job.num_classes, ddim=ddim, eta=eta, clip=clip, device=device,
+                                cond_fn=job.cond_fn, conditional_model=job.conditional_model,
                                 labels=None if job.labels is None else job.labels[b * bs:b * bs + m])
         if parts is None:
             kept[b] = (imgs, ys)
@@ -251,13 +303,17 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
            ddim: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
            labels: str | np.ndarray | None = None, class_label: int | None = None, seed: int = 0,
            clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
-           parts_dir: str | None = None, reuse: str | None = None) -> Samples | None:
+           parts_dir: str | None = None, reuse: str | None = None, classifier: str | None = None,
+           classifier_scale: float = 1.0) -> Samples | None:
     """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
 
     respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
     classifier-free guidance (0 = off); labels: N integer labels (array or .npy/.npz path) or class_label: one
     class for all (default: uniform random); seed: batch b uses derive_seed(seed, b); clip: clip predicted x_0
     to [-1, 1]; device: default this rank's GPU, else CPU; threads: torch CPU threads.
+    classifier: exported noise-aware classifier (`--objective classifier`) guiding with `classifier_scale` s
+    (Dhariwal & Nichol 2021): DDPM shifts the mean by s Sigma grad log p(y|x_t), DDIM the score; with an
+    unconditional model the labels (uniform, or given) only steer the classifier and are returned.
     parts_dir: each finished batch is saved there (atomically) and batches of an interrupted call with the same
     settings are reused; it must be shared by all ranks. None: batches stay in memory and are all-gathered.
     reuse: a finished output .npz (with its .json report beside it) of an earlier call; when its settings equal
@@ -265,11 +321,12 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `Samples` on rank 0 and None on the other ranks.
     """
-    check_options(num_samples, batch_size, respace, ddim, eta, guidance_scale, labels, class_label)
+    check_options(num_samples, batch_size, respace, ddim, eta, guidance_scale, labels, class_label, classifier,
+                  classifier_scale)
     ranks, dev = dist.init(device, threads)
     job = _prepare(model, dev, num_samples=num_samples, batch_size=batch_size, respace=respace, ddim=ddim,
                    eta=eta, guidance_scale=guidance_scale, labels=labels, class_label=class_label, seed=seed,
-                   clip=clip)
+                   clip=clip, classifier=classifier, classifier_scale=classifier_scale)
     if reuse is not None and (done := _finished(reuse, job.settings)) is not None:
         if not ranks.is_main:
             return None
@@ -323,6 +380,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale w (0 = off)")
     p.add_argument("--labels", default=None, help=".npy/.npz of N integer labels (default: uniform random)")
     p.add_argument("--class-label", type=int, default=None, help="sample only this class")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier (exported from a --objective "
+                   "classifier run) for classifier guidance; works with unconditional models too")
+    p.add_argument("--classifier-scale", type=float, default=None,
+                   help="classifier guidance scale s (default 1 with --classifier; 0 = unguided)")
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
     return p
 
@@ -331,12 +392,15 @@ def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
     if not a.out.endswith(".npz"):
         raise UsageError(f"--out {a.out}: the file name must end in .npz")
+    if a.classifier_scale is not None and a.classifier is None:
+        raise UsageError("--classifier-scale needs --classifier (a classifier to guide with)")
     parts = a.out + ".parts"
     try:
         s = sample(a.model, a.num_samples, batch_size=a.batch_size, respace=a.respace, ddim=a.ddim, eta=a.eta,
                    guidance_scale=a.guidance_scale, labels=a.labels, class_label=a.class_label, seed=a.seed,
                    clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, parts_dir=parts,
-                   reuse=None if os.path.isdir(parts) else a.out)
+                   reuse=None if os.path.isdir(parts) else a.out, classifier=a.classifier,
+                   classifier_scale=1.0 if a.classifier_scale is None else a.classifier_scale)
     finally:
         dist.shutdown()
     if s is None:
