@@ -46,12 +46,14 @@ class NLL:
     report: dict[str, Any]              # the summary written to nll.json (bpd, bpd_stderr, prior_bpd, ...)
 
 
-def _open_stream(data: str, batch_size: int, ranks: dist.Ranks, image_size: int):
-    """This rank's share of `data` (data.stream.EvalStream), checked against the model's image size."""
+def _open_stream(data: str, batch_size: int, ranks: dist.Ranks, image_size: int, resize: str | None = None):
+    """This rank's share of `data` (data.stream.EvalStream), checked against the model's image size; `resize`
+    (a data.decode.RESIZERS method): images of another size are resized to the model's when read."""
     from data.errors import DataError
     from data.stream import EvalStream
     try:
-        stream = EvalStream(data, batch_size, rank=ranks.rank, world_size=ranks.world)
+        stream = EvalStream(data, batch_size, rank=ranks.rank, world_size=ranks.world,
+                            image_size=image_size if resize else None, resize=resize or "adm")
     except (DataError, ValueError, OSError) as e:
         raise UsageError(f"--data {data}: {e}") from None
     if stream.image_size is not None and tuple(stream.image_size)[-1] != image_size:
@@ -92,13 +94,14 @@ def _bound_share(model, diffusion, stream, *, expected: int, conditional: bool, 
 
 def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 32, num_images: int | None = None,
         seed: int = 0, clip: bool = True, device: str | None = None, threads: int | None = None,
-        progress: bool = True) -> NLL | None:
+        progress: bool = True, resize: str | None = None) -> NLL | None:
     """The variational bound in bits/dim of exported weights `model` on every image of `data`, over all ranks.
 
     data: held-out shards (manifest, brace pattern or path list); respace: the bound of a respaced process
     (e.g. "100"; default all T steps); batch_size: images per batch per rank; num_images: only the first N images;
     seed: forward-process noise of rank r from derive_seed(seed, r); clip: clip predicted x_0 to [-1, 1];
-    device: default this rank's GPU, else CPU; threads: torch CPU threads.
+    device: default this rank's GPU, else CPU; threads: torch CPU threads; resize: "adm" or "area" resizes images
+    of another size to the model's when read (as training's --data-image-size; default: used as stored).
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `NLL` on rank 0 (after checking that every image was evaluated exactly once) and None elsewhere.
     """
@@ -106,7 +109,7 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
         raise UsageError("--batch-size and --num-images must be positive integers")
     ranks, dev = dist.init(device, threads)
     net, diffusion, meta = load_model(model, dev, respace or "", what=f"--respace {respace}")
-    stream = _open_stream(data, batch_size, ranks, meta["model"]["image_size"])
+    stream = _open_stream(data, batch_size, ranks, meta["model"]["image_size"], resize)
     expected = stream.total if num_images is None else min(num_images, stream.total)
     local, vb_sum, elapsed = _bound_share(net, diffusion, stream, expected=expected, clip=clip, seed=seed,
                                           conditional=meta["model"].get("num_classes") is not None, device=dev,
@@ -216,6 +219,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch per rank")
     p.add_argument("--num-images", type=int, default=None, help="only the first N images of SOURCE (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the forward-process noise")
+    p.add_argument("--resize", choices=("adm", "area"), default=None,
+                   help="centre-crop and resize images of another size to the model's side when read, as training's "
+                        "--data-image-size (adm: guided-diffusion's center_crop_arr; default: images as stored)")
     return p
 
 
@@ -223,7 +229,7 @@ def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
     try:
         r = nll(a.model, a.data, respace=a.respace, batch_size=a.batch_size, num_images=a.num_images, seed=a.seed,
-                clip=a.clip, device=a.device, threads=a.threads, progress=a.progress)
+                clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, resize=a.resize)
     finally:
         dist.shutdown()
     if r is not None:

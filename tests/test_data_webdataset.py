@@ -256,3 +256,26 @@ def test_trainer_data_flags(wds_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cfg = json.load(open(tmp_path / "run" / "config.json"))
     assert cfg["data"]["image_size"] == 16 and cfg["data"]["resize"] == "area"
+
+
+def test_nll_reads_a_webdataset_with_resize(wds_dir, tmp_path):
+    """evaluations.nll --data takes the ShardWriter pattern: --resize gives the same bits/dim as the converted
+    shards; without it, mixed sizes are one UsageError."""
+    from data.cli import UsageError
+    from diffusion.presets import get_config
+    from evaluations.nll import nll
+    from trainer.export import save_exported
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny16")
+    model = str(tmp_path / "m.safetensors")
+    save_exported(model, cfg.build().state_dict(), cfg.to_dict(), {"steps": 20, "noise_schedule": "cosine",
+                                                                    "learn_sigma": True}, step=0, ema="model")
+    prepare_webdataset(pattern(wds_dir), str(tmp_path / "c16"), size=16, workers=0, progress=False)
+    kw = dict(respace="4", batch_size=8, threads=1, progress=False)
+    read = nll(model, pattern(wds_dir), resize="adm", **kw)
+    conv = nll(model, str(tmp_path / "c16"), **kw)
+    assert read.report["images"] == conv.report["images"] == N
+    assert np.array_equal(read.total_bpd, conv.total_bpd) and np.array_equal(read.index, np.arange(N))
+    with pytest.raises(UsageError, match="earlier images are"):
+        nll(model, pattern(wds_dir), **kw)
