@@ -82,8 +82,9 @@ def teacher_cost(teacher: str) -> dict[str, Any]:
 def run_distill(a: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "trainer.distill", "--teacher", a.teacher, "--teacher-steps", str(a.teacher_steps),
            "--final-steps", "4", "--data", os.path.join(a.data, "train-manifest.json"), "--out-dir", a.out_dir,
-           "--steps-per-round", str(a.steps_per_round), "--", "--global-batch", "64", "--lr", str(a.lr),
-           "--ema", "0.98", "--log-every", "25", "--save-every", "50", "--no-flip"]
+           "--steps-per-round", str(a.steps_per_round), "--convert" if a.convert else "--no-convert", "--",
+           "--global-batch", "64", "--lr", str(a.lr), "--ema", str(a.ema), "--log-every", "10", "--save-every", "50",
+           "--no-flip"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     with open(os.path.join(a.out_dir, "distill.json")) as f:
@@ -92,6 +93,10 @@ def run_distill(a: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(rep: dict[str, Any], sweep_md: str) -> str:
     d, t = rep["distill"], rep["teacher_cost"]
+    conv = ("A first round converts the epsilon teacher to a v-predicting student at the teacher's steps (target: one "
+            "teacher DDIM step)." if any(r["substeps"] == 1 for r in d["rounds"]) else
+            "There is no separate conversion round: the first halving round's student starts from the epsilon "
+            "teacher's weights and learns the v parameterization while it halves the steps.")
     rounds = "\n".join(f"| {r['teacher_steps']} -> {r['student_steps']} | {r['optimizer_steps']} | "
                        f"{r['global_batch']} | {r['images']} |" for r in d["rounds"])
     return f"""# Progressive distillation on the 16-px digits (`benchmarks/distill_digits.py`)
@@ -100,10 +105,10 @@ Date {rep['date']}; machine: {rep['machine']} (shared with other engineers' jobs
 Command: `{rep['command']}`
 
 Teacher: `{rep['teacher']}` (tiny16, epsilon prediction, learned sigma, cosine, T=1000). Distillation:
-`{d['command']}`. The first round converts the epsilon teacher to a v-predicting student at 256 steps (target:
-one teacher DDIM step); then every round halves the steps (target: two teacher DDIM steps, eta 0, clipped x_0,
-truncated-SNR weighting). Rounds were kept small because the CPU is shared: {rep['steps_per_round']} optimizer
-steps each at batch 64, lr {rep['lr']}, EMA 0.98 (exported).
+`{d['command']}`. {conv} Every round halves the steps (target: two teacher DDIM steps, eta 0, clipped x_0,
+truncated-SNR weighting). Rounds were kept small because the CPU is shared (load average above 15 on 2 cores
+during the study): {rep['steps_per_round']} optimizer steps each at batch 64, lr {rep['lr']}, EMA {rep['ema']}
+(exported).
 
 ## Cost in images processed
 
@@ -112,6 +117,7 @@ steps each at batch 64, lr {rep['lr']}, EMA 0.98 (exported).
 {rounds}
 | **distillation, all rounds** | | | **{d['images']}** |
 | teacher's training | {t['optimizer_steps']} | {t['global_batch']} | {t['images']} |
+| distillation / teacher | | | {d['images'] / t['images'] if t['images'] else float('nan'):.2f} |
 
 Each distillation image goes once through the student (forward and backward) and `substeps` (1 or 2) times
 through the teacher (forward only).
@@ -136,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default="/work/shared_models/uncond16/model.safetensors")
     p.add_argument("--data", default="/work/shared_models/digits16", help="folder with train- and val-manifest.json")
     p.add_argument("--out-dir", default="/work/distill_runs/digits")
-    p.add_argument("--teacher-steps", type=int, default=256)
-    p.add_argument("--steps-per-round", type=int, default=250)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--ddim", default="4,8,16,32,64,128,256")
-    p.add_argument("--ddpm", default="16,256")
+    p.add_argument("--teacher-steps", type=int, default=128)
+    p.add_argument("--steps-per-round", type=int, default=60)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.95)
+    p.add_argument("--convert", action=argparse.BooleanOptionalAction, default=False,
+                   help="a separate v-conversion round first (default: the first halving round converts too)")
+    p.add_argument("--num-samples", type=int, default=250)
+    p.add_argument("--ddim", default="4,8,16,32,64,128")
+    p.add_argument("--ddpm", default="16,64")
     a = p.parse_args(argv)
     from evaluations.features import create_extractor, extract
     from evaluations.metrics import frechet_distance
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{model}, {os.cpu_count()} CPUs (nproc), {platform.platform()}",
            "command": "python -m benchmarks.distill_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "teacher": a.teacher, "steps_per_round": a.steps_per_round, "lr": a.lr, "distill": distill,
+           "teacher": a.teacher, "steps_per_round": a.steps_per_round, "lr": a.lr, "ema": a.ema, "distill": distill,
            "teacher_cost": teacher_cost(a.teacher), "judge_val_accuracy": acc, "val_images": int(len(val[0])),
            "real": {k: f(train[0]) for k, f in sc.items()},
            "real_val_fd": float(frechet_distance(fv["mu"], fv["sigma"], fr["mu"], fr["sigma"])), "sweep": rep}
