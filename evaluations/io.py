@@ -36,6 +36,9 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
         model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"--model {path}: cannot load exported model ({e})") from None
+    if meta["model"].get("super_res"):
+        raise UsageError(f"--model {path}: a super-resolution model needs low-resolution inputs (low_res), which "
+                         f"sampling and NLL here do not provide; call it directly: model(x, t, y, low_res=...)")
     try:
         diffusion = create_diffusion(**{**dkw, "timestep_respacing": respacing})
     except ValueError as e:                     # e.g. a respacing that does not divide the process

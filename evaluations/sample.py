@@ -149,6 +149,9 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
     if guidance_scale:
         if not conditional:
             raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
+        if not meta["model"].get("null_label", True):
+            raise UsageError("--guidance-scale: this model has no null-label row (converted from a checkpoint "
+                             "trained without label dropout), so classifier-free guidance is undefined; use 0")
         net = ClassifierFreeGuidance(net, guidance_scale, num_classes)
     settings = {"model": os.path.abspath(model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
                 "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
