@@ -163,4 +163,84 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert convert.main(["openai", str(tmp_path / "m.pt"), "--flags", flags,
                          "--out", str(tmp_path / "cli.safetensors")]) == 0
     _, _, meta = load_exported(str(tmp_path / "cli.safetensors"))
-    assert meta["converted_from"]["codebase"] == "guided-diffusion" and meta["converted_from"]["attention_order"] == "new"
+    src = meta["converted_from"]
+    assert src["codebase"] == "guided-diffusion" and src["attention_order"] == "new"
+
+
+GUIDED_README = {  # guided-diffusion's README MODEL_FLAGS / CLASSIFIER_FLAGS of its released checkpoints
+    "64x64": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 --image_size 64 "
+             "--learn_sigma True --noise_schedule cosine --num_channels 192 --num_head_channels 64 --num_res_blocks 3 "
+             "--resblock_updown True --use_new_attention_order True --use_fp16 True --use_scale_shift_norm True",
+    "128x128": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 "
+               "--learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 --num_res_blocks 2 "
+               "--resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+    "256x256_uncond": "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 "
+                      "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+                      "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+    "512x512": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 512 "
+               "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+               "--num_res_blocks 2 --resblock_updown True --use_fp16 False --use_scale_shift_norm True",
+    "64_256_upsampler": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --large_size 256 "
+                        "--small_size 64 --learn_sigma True --noise_schedule linear --num_channels 192 --num_heads 4 "
+                        "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+    "128x128_classifier": "--image_size 128 --classifier_attention_resolutions 32,16,8 --classifier_depth 2 "
+                          "--classifier_width 128 --classifier_pool attention --classifier_resblock_updown True "
+                          "--classifier_use_scale_shift_norm True",
+}
+IMPROVED_README = {  # improved-diffusion's README flags (its ImageNet-64 checkpoints, CIFAR-10, LSUN)
+    "imagenet64_uncond_100M": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+                              "--dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine",
+    "imagenet64_cond_270M": "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True "
+                            "--class_cond True --diffusion_steps 4000 --noise_schedule cosine",
+    "cifar10": "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+               "--diffusion_steps 4000 --noise_schedule cosine",
+    "lsun": "--image_size 256 --num_channels 128 --num_res_blocks 2 --num_heads 1 --learn_sigma True "
+            "--use_scale_shift_norm False --attention_resolutions 16 --diffusion_steps 1000 --noise_schedule linear",
+}
+
+
+def _guided_reference(flags: str) -> torch.nn.Module:
+    """guided-diffusion's own model for README flags, through its own argument parser and script_util."""
+    import argparse
+    import inspect
+    defaults = {**gd_script.model_and_diffusion_defaults(), **gd_script.classifier_defaults(),
+                **gd_script.sr_model_and_diffusion_defaults()}
+    p = argparse.ArgumentParser()
+    gd_script.add_dict_to_argparser(p, defaults)
+    a = vars(p.parse_args(flags.split()))
+    fn = (gd_script.create_classifier if "--classifier_width" in flags else
+          gd_script.sr_create_model if "--large_size" in flags else gd_script.create_model)
+    return fn(**{k: a[k] for k in inspect.signature(fn).parameters})
+
+
+def _improved_reference(flags: str) -> torch.nn.Module:
+    """improved-diffusion's UNetModel: its defaults, its channel_mult table and legacy attention."""
+    f, _, _ = convert.parse_flags(flags, "improved")
+    size = f["image_size"]
+    return gd_unet.UNetModel(
+        image_size=size, in_channels=3, model_channels=f["num_channels"], out_channels=6 if f["learn_sigma"] else 3,
+        num_res_blocks=f["num_res_blocks"],
+        attention_resolutions=tuple(size // int(r) for r in f["attention_resolutions"].split(",")),
+        dropout=f["dropout"], channel_mult=convert.CHANNEL_MULT["improved"][size],
+        num_classes=1000 if f["class_cond"] else None, num_heads=f["num_heads"],
+        num_heads_upsample=f["num_heads_upsample"], use_scale_shift_norm=f["use_scale_shift_norm"])
+
+
+@pytest.mark.parametrize("name", list(GUIDED_README) + list(IMPROVED_README))
+def test_readme_configurations_map_completely(name):
+    """Full-size released configurations, on the meta device: every weight of the original finds its place in
+    ours with the right shape, none is left over, and the parameter counts agree."""
+    from diffusion.classifier import create_classifier_from_config
+    from diffusion.presets import create_model_from_config
+    flags = GUIDED_README.get(name) or IMPROVED_README[name]
+    f, codebase, given = convert.parse_flags(flags)
+    assert codebase == ("guided" if name in GUIDED_README else "improved")
+    kind = convert._kind("auto", given)
+    cfg = convert.model_config(f, codebase, kind)
+    with torch.device("meta"):
+        ref = _guided_reference(flags) if codebase == "guided" else _improved_reference(flags)
+        ours = (create_classifier_from_config if kind == "classifier" else create_model_from_config)(cfg)
+    legacy = kind == "classifier" or not f["use_new_attention_order"]
+    state = convert.convert_state(ref.state_dict(), ours, legacy=legacy, classifier=kind == "classifier")
+    assert len(state) == len(ours.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())

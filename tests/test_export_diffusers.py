@@ -55,7 +55,8 @@ def test_unet_matches_ours(tmp_path, over):
 
 @pytest.mark.parametrize("diffusion,n", [({"steps": 40, "noise_schedule": "cosine", "learn_sigma": True}, 10),
                                          ({"steps": 100, "noise_schedule": "linear", "learn_sigma": False,
-                                           "sigma_small": True}, 10)], ids=["cosine_learned_ddim10", "linear_fixed_small_ddim10"])
+                                           "sigma_small": True}, 10)],
+                         ids=["cosine_learned_ddim10", "linear_fixed_small_ddim10"])
 def test_scheduler_loop_samples_like_ours(tmp_path, diffusion, n):
     """n < T: diffusers' "leading" spacing (stride T // n) is our respacing "ddim<n>"."""
     path, model = _exported(tmp_path, "s", diffusion, num_classes=None, learn_sigma=diffusion["learn_sigma"])

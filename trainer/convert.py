@@ -11,7 +11,8 @@ Kinds: UNetModel; SuperResModel (--large_size/--small_size flags); EncoderUNetMo
 (--classifier_* flags; diffusion.classifier). Defaults differ between the two codebases: improved-diffusion's
 rescale_timesteps and rescale_learned_sigmas default to True, guided-diffusion's to False, and improved-diffusion
 has only the legacy attention order. --codebase auto picks guided-diffusion when a flag only it has is given
-(num_head_channels, resblock_updown, use_new_attention_order, channel_mult, use_fp16), else improved-diffusion.
+(num_head_channels, resblock_updown, use_new_attention_order, channel_mult, use_fp16, classifier_*), else
+improved-diffusion.
 
 Mapping: openai's TimestepEmbedSequential lists (input_blocks, middle_block, output_blocks) are walked in order
 next to our enc/mid/dec; conv1d attention weights [3C, C, 1] become Linear [3C, C]; the legacy attention order
@@ -95,8 +96,9 @@ def parse_flags(text: str, codebase: str = "auto") -> tuple[dict[str, Any], str,
     if unknown:
         raise UsageError(f"--flags: unknown flag(s) {', '.join('--' + u for u in unknown)}; "
                          f"known: {', '.join(sorted(MODEL_FLAGS))}")
-    if codebase == "auto":
-        codebase = "guided" if GUIDED_ONLY & set(given) else "improved"
+    if codebase == "auto":  # the classifier exists in guided-diffusion only
+        guided = GUIDED_ONLY & set(given) or any(g.startswith("classifier_") for g in given)
+        codebase = "guided" if guided else "improved"
     col = 1 if codebase == "improved" else 2
     out: dict[str, Any] = {}
     for name, spec in MODEL_FLAGS.items():
