@@ -22,9 +22,11 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import blobfile as bf
 import numpy as np
+
 from .decode import IMAGE_KEYS, decode_image, find_label
 from .errors import DataError
 from .fsio import atomic_write_bytes
@@ -309,6 +311,23 @@ def read_shard(path: str, shape: tuple[int, int] | None, *, labelled: bool | Non
         problems.append(f"{path}: empty shard")
     return ShardData(path, imgs, np.asarray(labels, np.int64), np.asarray(positions, np.int64),
                      seen=max(found, expected or 0, 1 if found == 0 else 0), bad=bad, problems=problems)
+
+
+def iter_samples(path: str) -> Iterator[tuple[int | None, np.ndarray | None, int | None, str | None]]:
+    """Every sample of a shard as (position, image uint8 [H, W, 3] at its own size or None, label or None, problem
+    or None); an unreadable shard, or tar damage, is one (None, None, None, problem). For inspecting a foreign
+    data set."""
+    buf, lost = _read(path, None)
+    if buf is None:
+        yield None, None, None, lost.problems[0]  # type: ignore[union-attr]
+        return
+    members, damage = parse_tar(buf)
+    for pos, sample in enumerate(_group(members)):
+        img, why = _image(buf, sample, None, b"", None)
+        label, label_why = find_label(buf, sample)
+        yield pos, img, label, why or label_why
+    if damage:
+        yield None, None, None, f"{path}: {damage}"
 
 
 def first_sample(path: str) -> tuple[tuple[int, int], bool] | None:

@@ -1,7 +1,10 @@
 """Check a data set against its manifest: every shard present, sha256 and sample count as recorded, and
-(unless --quick) every sample decodable with the recorded image size and a label in range.
+(unless --quick) every sample decodable with the recorded image size and a label in range. Shards without a
+manifest (any webdataset: a pattern, glob, list or folder of tars) are inspected instead: every sample decoded,
+image sizes and labels summarised, with what it takes to train on them.
 
     python -m data.verify DIR/train-manifest.json      # or DIR (every manifest in it); --quick: no decoding
+    python -m data.verify 'wds/train-{000000..000099}.tar'
 
 Exit 0 and one summary line per data set when all is well; otherwise one line naming the first problems
 and exit 1 (bad command-line input: exit 2).
@@ -16,7 +19,8 @@ from typing import Sequence
 import blobfile as bf
 
 from .cli import ArgumentParser, UsageError, flag, run_cli
-from .shards import MANIFEST_SUFFIX, is_url, load_manifest, read_bytes, read_shard
+from .errors import DataError
+from .shards import MANIFEST_SUFFIX, is_url, iter_samples, load_manifest, read_bytes, read_shard
 
 PROG = "python -m data.verify"
 
@@ -51,23 +55,43 @@ def verify(manifest_path: str, quick: bool = False) -> list[str]:
     return problems
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="a NAME-manifest.json, or a folder (verifies every manifest in it)")
-    flag(p, "--quick", False, "check presence, sha256 and totals only; skip decoding")
-    args = p.parse_args(argv)
-    path = args.path if is_url(args.path) else os.path.abspath(args.path)
-    if bf.isdir(path):
-        manifests = sorted(bf.glob(bf.join(path, "*" + MANIFEST_SUFFIX)))
-        if not manifests:
-            raise UsageError(f"no *{MANIFEST_SUFFIX} in {path}")
-    elif bf.exists(path):
-        manifests = [path]
-    else:
-        raise UsageError(f"no such file or folder: {path}")
+def inspect(source: str) -> tuple[str, list[str]]:
+    """(summary, problems) of shards without a manifest: samples, image sizes, labels; problems: samples without
+    a decodable image, labels missing from some samples only, unreadable shards or tar damage."""
+    from collections import Counter
+
+    from .sources import resolve
+
+    urls = resolve(source).urls
+    sizes: Counter = Counter()
+    labels: list[int] = []
+    problems: list[str] = []
+    n = 0
+    for url in urls:
+        for pos, img, label, why in iter_samples(url):
+            n += pos is not None
+            if img is not None:
+                sizes[img.shape[:2]] += 1
+                if label is not None:
+                    labels.append(label)
+            if why is not None:
+                problems.append(f"{url}: sample {pos}: {why}" if pos is not None else why)
+    good = sum(sizes.values())
+    if labels and len(labels) != good:
+        problems.append(f"labels in only {len(labels)} of {good} decodable samples")
+    area = lambda hw: (hw[0] * hw[1], hw)  # noqa: E731
+    (h0, w0), (h1, w1) = min(sizes, key=area, default=(0, 0)), max(sizes, key=area, default=(0, 0))
+    size_text = (f"all {h0}x{w0}" if len(sizes) == 1 else
+                 f"{len(sizes)} sizes ({h0}x{w0} to {h1}x{w1}): stream them with image_size=S (trainer "
+                 f"--data-image-size S) or convert once with python -m data.prepare webdataset --size S")
+    label_text = f"labels {min(labels)}..{max(labels)}" if labels else "no labels"
+    return (f"{good} decodable of {n} samples in {len(urls)} shards; images {size_text}; {label_text}"), problems
+
+
+def _verify_manifests(manifests: list[str], quick: bool) -> int:
     bad = 0
     for mp in manifests:
-        problems = verify(mp, args.quick)
+        problems = verify(mp, quick)
         m = load_manifest(mp)
         if problems:
             bad += 1
@@ -76,6 +100,35 @@ def _main(argv: Sequence[str] | None) -> int:
         else:
             print(f"ok {mp}: {m['total']} samples in {len(m['shards'])} shards")
     return 1 if bad else 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="a NAME-manifest.json, a folder (verifies every manifest in it), or shards without "
+                                "a manifest: a brace pattern, glob, comma list or folder of tars (inspected)")
+    flag(p, "--quick", False, "check presence, sha256 and totals only; skip decoding")
+    args = p.parse_args(argv)
+    path = args.path if is_url(args.path) else os.path.abspath(args.path)
+    if bf.isdir(path):
+        manifests = sorted(bf.glob(bf.join(path, "*" + MANIFEST_SUFFIX)))
+    elif path.endswith(".json"):
+        if not bf.exists(path):
+            raise UsageError(f"no such file or folder: {path}")
+        manifests = [path]
+    else:
+        manifests = []
+    if manifests:
+        return _verify_manifests(manifests, args.quick)
+    try:  # shards without a manifest
+        summary, problems = inspect(args.path)
+    except DataError as e:
+        raise UsageError(f"{args.path}: {e}") from None
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        sys.stderr.write(f"FAILED {args.path}: {summary}; " + "; ".join(problems[:3]) + more + "\n")
+        return 1
+    print(f"ok {args.path}: {summary}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -279,3 +279,20 @@ def test_nll_reads_a_webdataset_with_resize(wds_dir, tmp_path):
     assert np.array_equal(read.total_bpd, conv.total_bpd) and np.array_equal(read.index, np.arange(N))
     with pytest.raises(UsageError, match="earlier images are"):
         nll(model, pattern(wds_dir), **kw)
+
+
+def test_verify_inspects_shards_without_a_manifest(wds_dir, tmp_path, capsys):
+    import webdataset as wds
+
+    assert verify([pattern(wds_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{N} decodable of {N} samples in 3 shards" in out and "5 sizes (8x8 to 40x40)" in out
+    assert "labels 0..2" in out and "--data-image-size" in out
+    with wds.ShardWriter(str(tmp_path / "b-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "png": encode(np.zeros((4, 4, 3), np.uint8), "PNG") if i != 1
+                        else b"\x89PNGbroken", "cls": i})
+    assert verify([str(tmp_path / "b-000000.tar")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("FAILED") and "2 decodable of 3 samples" in err and "sample 1: undecodable png" in err
+    assert err.count("\n") == 1
