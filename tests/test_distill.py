@@ -128,6 +128,22 @@ def test_one_round_halves_steps_and_lowers_the_two_step_loss(setup):
     assert main(args) == 0
     with open(os.path.join(setup["out"], "distill.json")) as f:
         assert json.load(f) == plan
+    # the sweep over steps: teacher DDIM / DDPM and the student, table, JSON and plot
+    import numpy as np
+    from evaluations.sweep_steps import main as sweep_main
+    ref = os.path.join(setup["out"], "ref.npz")
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    sw = os.path.join(setup["out"], "sweep")
+    assert sweep_main(["--teacher", setup["teacher"], "--distill-dir", setup["out"], "--reference", ref,
+                       "--ddim", "2,4", "--ddpm", "4", "--num-samples", "8", "--batch-size", "4", "--out-dir", sw,
+                       "--no-progress"]) == 0
+    with open(os.path.join(sw, "sweep_steps.json")) as f:
+        rows = json.load(f)["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("teacher DDIM", 2), ("teacher DDIM", 4),
+                                                          ("teacher DDPM", 4), ("student", 2)]
+    assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] > 0 for r in rows)
+    assert os.path.isfile(os.path.join(sw, "sweep_steps.png")) and os.path.isfile(os.path.join(sw, "sweep_steps.md"))
+    assert np.load(os.path.join(sw, "samples", "student2.npz"))["arr_0"].shape == (8, 16, 16, 3)
 
 
 @pytest.mark.parametrize("extra, teacher, message", [
