@@ -8,7 +8,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: cluster/pipeline.sh [--skip-prepare] [--after JOBID] [--sbatch-args "ARGS"] [--dry-run] [-h]
+usage: cluster/pipeline.sh [--skip-prepare] [--after JOBID] [--sbatch-args "ARGS"] [--with-guidance] [--dry-run] [-h]
 
 Submits prepare -> train -> sample -> evaluate, chained with --dependency=afterok; prints one line per
 stage: "<stage> <job id>". Run it from the repository root (or set IDDPM_REPO).
@@ -16,6 +16,8 @@ stage: "<stage> <job id>". Run it from the repository root (or set IDDPM_REPO).
   --skip-prepare       the shards exist already (DATA, VAL shards): submit train, sample, evaluate only
   --after JOBID        make the first stage wait for JOBID too (afterok)
   --sbatch-args ARGS   extra sbatch flags for every stage, e.g. "--partition=gpu --account=proj"
+  --with-guidance      also train a noise-aware classifier (train_classifier.sbatch, after prepare) and sweep
+                       classifier guidance (sweep_guidance.sbatch, after sample and the classifier)
   --dry-run            print the sbatch command lines instead of submitting
   PREPARE_SBATCH_ARGS, TRAIN_SBATCH_ARGS, SAMPLE_SBATCH_ARGS, EVAL_SBATCH_ARGS: per-stage extra sbatch flags
   Defaults tie the stages together: DATA=$PREPARED_DIR/train-manifest.json,
@@ -24,7 +26,7 @@ USAGE
 }
 die() { echo "error: $*" >&2; exit 2; }
 
-skip_prepare=0 after="" common_args="" dry_run=0
+skip_prepare=0 after="" common_args="" dry_run=0 with_guidance=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -32,6 +34,7 @@ while [[ $# -gt 0 ]]; do
     --after) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--after needs a numeric job id"; after="$2"; shift 2 ;;
     --sbatch-args) [[ $# -ge 2 ]] || die "--sbatch-args needs a value"; common_args="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --with-guidance) with_guidance=1; shift ;;
     *) die "unknown argument '$1' (see cluster/pipeline.sh --help)" ;;
   esac
 done
@@ -70,6 +73,16 @@ submit() {  # submit STAGE SCRIPT EXTRA_ARGS: prints "<stage> <job id>", sets de
   dep="$id"
 }
 [[ $skip_prepare -eq 1 ]] || submit prepare prepare_imagenet64.sbatch "${PREPARE_SBATCH_ARGS:-}"
+prepared="$dep"
 submit train train_imagenet64.sbatch "${TRAIN_SBATCH_ARGS:-}"
 submit sample sample.sbatch "${SAMPLE_SBATCH_ARGS:-}"
+sampled="$dep"
 submit evaluate evaluate.sbatch "${EVAL_SBATCH_ARGS:-}"
+if [[ $with_guidance -eq 1 ]]; then  # classifier beside the diffusion model; the sweep after both
+  export CLF_RUN_DIR="${CLF_RUN_DIR:-$IDDPM_RUNS_ROOT/classifier-${CLF_SIZE:-adm64}}"
+  export CLASSIFIER="${CLASSIFIER:-$CLF_RUN_DIR/export/classifier.safetensors}"
+  dep="$prepared"
+  submit classifier train_classifier.sbatch "${CLF_SBATCH_ARGS:-}"
+  dep="$sampled:$dep"
+  submit sweep_guidance sweep_guidance.sbatch "${SWEEP_SBATCH_ARGS:-}"
+fi
