@@ -14,6 +14,9 @@ is read exactly once (indices are yielded to prove it).
 
 Bad data (see ``shards.read_shard``) is skipped, counted in ``.bad_samples`` and reported by a rate-limited
 warning; once ``bad / seen > max_bad_fraction`` the stream raises one DataError naming the shards.
+
+Any webdataset (``data.decode``: image and label members; ``image_size``: resized when read) streams the same
+way: decoding and resizing are pure functions of a shard's bytes, so order and resume are unchanged.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
 from .decode import DEFAULT_RESIZE, RESIZERS
+from .errors import DataError
 from .seeds import derive_rng
 from .shards import ShardData, count_samples, first_sample, read_shard
 from .sources import Source, SourceLike, resolve
@@ -97,7 +100,7 @@ class _BadData:
                             f"exceed max_bad_fraction={self.max_bad_fraction}: {named}")
 
 
-def _peek(src: Source, shape: tuple[int, int] | None, resize: str | None) -> tuple[tuple[int, int], bool]:
+def _peek(src: Source, shape: tuple[int, int] | None) -> tuple[tuple[int, int], bool]:
     """Image size and labelled-ness from the first shard with a readable sample (when no manifest says). With
     ``shape`` (images are resized to it) only the first decodable sample is read; without, the first image sets
     the size and another size anywhere in that shard raises MixedSizes at once."""
@@ -108,7 +111,7 @@ def _peek(src: Source, shape: tuple[int, int] | None, resize: str | None) -> tup
                 return shape, first[1] if src.num_classes is None else src.num_classes > 0
             continue
         sd = read_shard(url, shape, labelled=None if src.num_classes is None else src.num_classes > 0,
-                        num_classes=src.num_classes, resize=resize, strict_shape=True)
+                        num_classes=src.num_classes, strict_shape=True)
         if len(sd):
             labelled = bool((sd.labels >= 0).all()) if src.num_classes is None else src.num_classes > 0
             return (int(sd.images[0].shape[0]), int(sd.images[0].shape[1])), labelled
@@ -133,7 +136,7 @@ class _Spec:
         target = None if image_size is None else (int(image_size), int(image_size))
         self.resize = resize if target is not None and tuple(src.shape or ()) != target else None
         if src.shape is None or src.num_classes is None:
-            shape, labelled = _peek(src, target, self.resize)
+            shape, labelled = _peek(src, target)
         else:
             shape, labelled = src.shape, src.num_classes > 0
         self.urls, self.counts, self.shape = src.urls, src.counts, tuple(target or shape)
@@ -253,6 +256,9 @@ class TrainStream:
     Yields ``(images float32 [B, 3, H, W] in [-1, 1], labels int64 [B])``; labels are -1 for an unlabelled
     data set. ``state_dict()`` is JSON-serialisable and per rank: pass it back as ``state=`` to continue
     exactly (same seed, rank, world_size and num_workers required). ``bad_samples``: bad samples skipped.
+    ``image_size``: centre-crop and resize every image of another size to image_size x image_size when read, with
+    ``data.decode.RESIZERS[resize]`` ("adm": guided-diffusion's center_crop_arr, or "area"); None: images as
+    stored (a source without a manifest must then hold one size, else MixedSizes, a DataError).
     """
 
     def __init__(self, source: SourceLike, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -383,7 +389,8 @@ class _EvalDataset(torch.utils.data.IterableDataset):
 class EvalStream:
     """Every sample exactly once across ranks and workers: yields ``(images float32 [B, 3, H, W] in [-1, 1],
     labels int64 [B], indices int64 [B])``; indices are global positions (shard order, then member order).
-    Batches may be short at the end of each worker's range. Iterating again starts a new pass."""
+    Batches may be short at the end of each worker's range. Iterating again starts a new pass. ``image_size`` and
+    ``resize``: as for TrainStream."""
 
     def __init__(self, source: SourceLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, max_bad_fraction: float = 0.01,
