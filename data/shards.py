@@ -228,7 +228,15 @@ def _image(buf: bytes, sample: dict[str, tuple[int, int]], shape: tuple[int, int
 
 def _label(buf: bytes, sample: dict[str, tuple[int, int]], num_classes: int | None) -> tuple[int, str | None]:
     """One sample's class index (``decode.find_label``), or (-1 or the bad label, why it is bad)."""
-    label, why = find_label(buf, sample)
+    cls = sample.get("cls")
+    if cls is not None:  # the common case first (our shards, ShardWriter's "cls"): one int() of the member
+        try:
+            label: int | None
+            label, why = int(buf[cls[0]:cls[0] + cls[1]]), None
+        except ValueError:
+            label, why = None, "unparseable label in .cls"
+    else:
+        label, why = find_label(buf, sample)
     if label is None:
         return -1, why or "missing label"
     if label < 0 or (num_classes and label >= num_classes):
