@@ -178,7 +178,11 @@ def diffusers_scheduler(diffusion: dict[str, Any]) -> dict[str, Any]:
         cfg["variance_type"] = "learned_range"
     else:
         cfg["variance_type"] = "fixed_small" if diffusion.get("sigma_small", False) else "fixed_large"
-    cfg["prediction_type"] = "sample" if diffusion.get("predict_xstart", False) else "epsilon"
+    if diffusion.get("distilled_steps"):
+        raise UsageError("--format diffusers: a distilled student samples on its own step grid "
+                         "(diffusion.distill.step_grid), which DDPMScheduler does not have")
+    mean_type = diffusion.get("model_mean_type") or ("xstart" if diffusion.get("predict_xstart", False) else "epsilon")
+    cfg["prediction_type"] = {"epsilon": "epsilon", "xstart": "sample", "v": "v_prediction"}[mean_type]
     return cfg
 
 
