@@ -152,6 +152,10 @@ def test_train_stream_resumes_exactly_with_resize(wds_dir):
     b = TrainStream(pattern(wds_dir), 3, seed=5, image_size=SIZE, shards_per_block=2, state=state)
     for (x, y), (x2, y2) in zip(rest, [next(b) for _ in range(5)]):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+    c = TrainStream(pattern(wds_dir), 3, seed=5, image_size=SIZE, shards_per_block=2, num_workers=1)
+    for (x, y), (x2, y2) in zip(first, [next(c) for _ in range(4)]):  # one DataLoader worker process: the same
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    c.close()
     want, labels = expected()
     for x, y in first + rest:  # every image is one of the resized samples (maybe mirrored), with its label
         for img, lab in zip(to_u8(x), y.numpy()):
@@ -175,7 +179,7 @@ def test_prepare_webdataset_equals_read_time_resize_and_resumes(wds_dir, tmp_pat
     sums = {p: m["shards"][i]["sha256"] for i, p in enumerate(sorted(glob.glob(os.path.join(out, "*.tar"))))}
     os.unlink(os.path.join(out, "train-000001.tar"))  # a crash before shard 1 and the manifest were written
     os.unlink(os.path.join(out, "train-manifest.json"))
-    prepare_webdataset(pattern(wds_dir), out, size=SIZE, workers=0, progress=False)
+    prepare_webdataset(pattern(wds_dir), out, size=SIZE, workers=2, progress=False)  # writer processes too
     m2 = json.load(open(os.path.join(out, "train-manifest.json")))
     assert [s["sha256"] for s in m2["shards"]] == list(sums.values()) and m2["num_classes"] == CLASSES
     with pytest.raises(SystemExit) as e:  # complete: refused without --overwrite
