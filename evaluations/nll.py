@@ -9,6 +9,10 @@ shorter process is evaluated (a valid, looser bound). Writes DIR/nll.json (mean,
 terms), DIR/nll.md, DIR/nll_terms.csv and DIR/nll_terms.png (mean L_t against t) and DIR/per_image.npz
 (index, total, prior, decoder per image).
 
+A VDM (`--objective vdm`, Kingma et al. 2021) is evaluated in continuous time (--respace T: the T-step loss) with
+--t-samples stratified times per image; the per-step rows are then bins of t, the decoder term is -log p(x | z_0),
+and DIR/snr.png shows the learned log SNR(t) against cosine and linear.
+
 From Python, `nll(model, data, ...)` returns the per-image numbers, the mean L_t per step and the report (on rank 0)
 and writes nothing.
 """
@@ -29,6 +33,7 @@ from data.fsio import atomic_save_npz, atomic_write_bytes, atomic_write_json, at
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model
+from evaluations.vdm_nll import VDMBound, is_vdm, load_vdm, markdown_lines, snr_png
 from trainer.sync import gather_rows
 
 PROG = "evaluations.nll"
@@ -94,7 +99,7 @@ def _bound_share(model, diffusion, stream, *, expected: int, conditional: bool, 
 
 def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 32, num_images: int | None = None,
         seed: int = 0, clip: bool = True, device: str | None = None, threads: int | None = None,
-        progress: bool = True, resize: str | None = None) -> NLL | None:
+        progress: bool = True, resize: str | None = None, t_samples: int = 16) -> NLL | None:
     """The variational bound in bits/dim of exported weights `model` on every image of `data`, over all ranks.
 
     data: held-out shards (manifest, brace pattern or path list); respace: the bound of a respaced process
@@ -102,13 +107,21 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
     seed: forward-process noise of rank r from derive_seed(seed, r); clip: clip predicted x_0 to [-1, 1];
     device: default this rank's GPU, else CPU; threads: torch CPU threads; resize: "adm" or "area" resizes images
     of another size to the model's when read (as training's --data-image-size; default: used as stored).
+    A VDM (trainer.vdm) is evaluated by evaluations.vdm_nll: `t_samples` stratified times per image, respace "T"
+    the T-step loss instead of the continuous-time one.
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `NLL` on rank 0 (after checking that every image was evaluated exactly once) and None elsewhere.
     """
     if batch_size < 1 or (num_images is not None and num_images < 1):
         raise UsageError("--batch-size and --num-images must be positive integers")
     ranks, dev = dist.init(device, threads)
-    net, diffusion, meta = load_model(model, dev, respace or "", what=f"--respace {respace}")
+    if is_vdm(model):
+        if respace and not str(respace).isdigit():
+            raise UsageError(f"--respace {respace}: a VDM takes a number of steps T (the T-step loss)")
+        net, meta = load_vdm(model, dev)
+        diffusion = VDMBound(t_samples, int(respace or 0))
+    else:
+        net, diffusion, meta = load_model(model, dev, respace or "", what=f"--respace {respace}")
     stream = _open_stream(data, batch_size, ranks, meta["model"]["image_size"], resize)
     expected = stream.total if num_images is None else min(num_images, stream.total)
     local, vb_sum, elapsed = _bound_share(net, diffusion, stream, expected=expected, clip=clip, seed=seed,
@@ -143,6 +156,8 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
         "images_per_second": round(n / wall, 4) if wall > 0 else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if isinstance(diffusion, VDMBound):
+        report.update(diffusion.report())
     tmap = np.asarray(getattr(diffusion, "timestep_map", np.arange(T)), dtype=np.int64)
     return NLL(idx[order], total, prior, decoder, terms, tmap, report)
 
@@ -170,6 +185,8 @@ def markdown(r: NLL) -> str:
           "| step | t | mean L_t (bits/dim) | cumulative share of the bound |", "|---:|---:|---:|---:|"]
     shown = sorted(set(range(min(10, len(terms)))) | set(np.linspace(0, len(terms) - 1, 11).round().astype(int)))
     md += [f"| {i} | {int(tmap[i])} | {terms[i]:.6f} | {share[i]:.4f} |" for i in shown]
+    if rep.get("vdm"):
+        md += markdown_lines(rep)
     return "\n".join(md) + "\n"
 
 
@@ -206,6 +223,8 @@ def save(out_dir: str, r: NLL) -> None:
     atomic_save_npz(os.path.join(out_dir, "per_image.npz"), index=r.index.astype(np.int64), total_bpd=r.total_bpd,
                     prior_bpd=r.prior_bpd, decoder_bpd=r.decoder_bpd)
     atomic_write_bytes(os.path.join(out_dir, "nll_terms.png"), plot_terms(r))
+    if r.report.get("vdm"):
+        atomic_write_bytes(os.path.join(out_dir, "snr.png"), snr_png(r.report))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -219,6 +238,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch per rank")
     p.add_argument("--num-images", type=int, default=None, help="only the first N images of SOURCE (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the forward-process noise")
+    p.add_argument("--t-samples", type=int, default=16,
+                   help="VDM models only: stratified times t per image for the diffusion term (default 16)")
     p.add_argument("--resize", choices=("adm", "area"), default=None,
                    help="centre-crop and resize images of another size to the model's side when read, as training's "
                         "--data-image-size (adm: guided-diffusion's center_crop_arr; default: images as stored)")
@@ -229,7 +250,8 @@ def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
     try:
         r = nll(a.model, a.data, respace=a.respace, batch_size=a.batch_size, num_images=a.num_images, seed=a.seed,
-                clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, resize=a.resize)
+                clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, resize=a.resize,
+                t_samples=a.t_samples)
     finally:
         dist.shutdown()
     if r is not None:
