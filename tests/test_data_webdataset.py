@@ -300,3 +300,19 @@ def test_verify_inspects_shards_without_a_manifest(wds_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("FAILED") and "2 decodable of 3 samples" in err and "sample 1: undecodable png" in err
     assert err.count("\n") == 1
+
+
+def test_comma_lists_and_commas_in_file_names(wds_dir, tmp_path):
+    import shutil
+
+    from data.sources import resolve
+
+    a, b = sorted(glob.glob(os.path.join(wds_dir, "*.tar")))[:2]
+    odd = str(tmp_path / "x,y.tar")
+    shutil.copy(a, odd)
+    assert resolve(f"{a}, {b}").urls == [a, b] and resolve(odd).urls == [odd]
+    braced = os.path.join(wds_dir, "train-{000000,000002}.tar")  # commas inside braces belong to the pattern
+    assert resolve(f"{braced},{b}").urls == [a, os.path.join(wds_dir, "train-000002.tar"), b]
+    assert resolve([odd, b]).urls == [odd, b]  # a list item is split only when it names no file
+    with pytest.raises(DataError, match="no such file"):
+        resolve(f"{a},{tmp_path / 'nope.tar'}")
