@@ -13,7 +13,7 @@ from diffusion import create_diffusion
 from diffusion.presets import get_config
 from trainer import export
 from trainer.export import save_exported
-from trainer.export_diffusers import export_diffusers
+from trainer.export_diffusers import diffusers_scheduler, export_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -83,6 +83,12 @@ def test_refusals_and_cli(tmp_path, capsys):
     path, _ = _exported(tmp_path, "heads", num_head_channels=-1, num_heads=4, attention_resolutions=(16, 8))
     with pytest.raises(UsageError, match="attention head widths \\[8, 16\\] differ.*num_head_channels"):
         export_diffusers(path, str(tmp_path / "hf"))
+    path, _ = _exported(tmp_path, "rescaled", timestep_scale=0.25)
+    with pytest.raises(UsageError, match="rescaled timesteps"):
+        export_diffusers(path, str(tmp_path / "hf"))
+    assert diffusers_scheduler({"steps": 10, "model_mean_type": "v"})["prediction_type"] == "v_prediction"
+    with pytest.raises(UsageError, match="distilled student"):
+        diffusers_scheduler({"steps": 10, "distilled_steps": 4})
     with pytest.raises(UsageError, match="neither exported weights"):
         export_diffusers(str(tmp_path / "nope"), str(tmp_path / "hf"))
     with pytest.raises(SystemExit) as e:
