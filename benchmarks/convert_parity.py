@@ -30,7 +30,7 @@ from data.fsio import atomic_write_json, atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {  # name: README flags (guided-diffusion's and improved-diffusion's READMEs)
-    "improved ImageNet-64 uncond (100M)": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+    "improved ImageNet-64 uncond (README flags)": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
                                           "--dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine",
     "guided 64x64 cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
                          "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 "

@@ -188,9 +188,9 @@ GUIDED_README = {  # guided-diffusion's README MODEL_FLAGS / CLASSIFIER_FLAGS of
                           "--classifier_use_scale_shift_norm True",
 }
 IMPROVED_README = {  # improved-diffusion's README flags (its ImageNet-64 checkpoints, CIFAR-10, LSUN)
-    "imagenet64_uncond_100M": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
+    "imagenet64_uncond": "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True "
                               "--dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine",
-    "imagenet64_cond_270M": "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True "
+    "imagenet64_cond": "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True "
                             "--class_cond True --diffusion_steps 4000 --noise_schedule cosine",
     "cifar10": "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
                "--diffusion_steps 4000 --noise_schedule cosine",
