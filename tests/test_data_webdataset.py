@@ -182,6 +182,9 @@ def test_prepare_webdataset_equals_read_time_resize_and_resumes(wds_dir, tmp_pat
     prepare_webdataset(pattern(wds_dir), out, size=SIZE, workers=2, progress=False)  # writer processes too
     m2 = json.load(open(os.path.join(out, "train-manifest.json")))
     assert [s["sha256"] for s in m2["shards"]] == list(sums.values()) and m2["num_classes"] == CLASSES
+    m3 = prepare_webdataset(pattern(wds_dir), str(tmp_path / "two"), size=SIZE, num_classes=2, workers=0,
+                            progress=False)[0]  # labels >= --num-classes are bad samples: skipped and counted
+    assert (m3["total"], m3["skipped"], m3["num_classes"]) == (N - sum(i % CLASSES == 2 for i in range(N)), 4, 2)
     with pytest.raises(SystemExit) as e:  # complete: refused without --overwrite
         prepare(["webdataset", pattern(wds_dir), "--out-dir", out, "--size", str(SIZE), "--no-progress"])
     assert e.value.code == 2
