@@ -2,9 +2,9 @@
 classifier, judged by a classifier that did not guide (trained on clean images, another seed).
 
     python -m benchmarks.guidance_digits [--model /work/shared_models/uncond16/model.safetensors] \
-        [--work /work/clf_study] [--scales 0,1,2,5,10] [--num-samples 200] [--steps 50]
+        [--work /work/clf_study] [--scales 0,1,3,10] [--num-samples 100] [--steps 25]
 
-Steps (each skipped when its output exists, so a re-run resumes): digits shards with a validation split
+Steps (each skipped when its output exists, so a re-run resumes; the two sweeps run side by side): digits shards with a validation split
 (data.prepare digits, split seed 0: the unconditional model's training split); two classifiers trained with
 `trainer.main --objective classifier` (noise-aware: t uniform in [0, T); judge: --max-t 0.001, i.e. t = 0 only,
 seed 1) and exported; their validation accuracy (evaluations.classify, by quarter of [0, T) for the noise-aware
@@ -127,9 +127,10 @@ def main() -> int:
     p.add_argument("--train-data", default="/work/shared_models/digits16/train-manifest.json",
                    help="digits training shards (the unconditional model's; the same split as data.prepare's)")
     p.add_argument("--work", default="/work/clf_study", help="folder for data, runs, samples (kept for re-runs)")
-    p.add_argument("--scales", default="0,1,2,5,10")
-    p.add_argument("--num-samples", type=int, default=200)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scales", default="0,1,3,10")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each of the two sweeps")
     a = p.parse_args()
     w, cmds = a.work, commands(a)
     os.makedirs(w, exist_ok=True)
@@ -137,9 +138,15 @@ def main() -> int:
             "clean": f"{w}/clean.safetensors", "classify": f"{w}/clean-val.json",
             "ddpm": f"{w}/sweep-ddpm/sweep_guidance.json", "ddim": f"{w}/sweep-ddim/sweep_guidance.json"}
     for step, cs in cmds.items():
-        if not os.path.isfile(done[step]):
+        if not os.path.isfile(done[step]) and step not in ("ddpm", "ddim"):
             for c in cs:
                 run(c, f"{w}/{step}.log")
+    # The two sweeps are independent: run them side by side (one thread each; see --threads).
+    env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning", OMP_NUM_THREADS=str(a.threads))
+    procs = [subprocess.Popen(cmds[s][0], cwd=ROOT, env=env, stdout=open(f"{w}/{s}.log", "a"),
+                              stderr=subprocess.STDOUT) for s in ("ddpm", "ddim") if not os.path.isfile(done[s])]
+    if any(p.wait() for p in procs):
+        raise SystemExit(f"a sweep failed; see {w}/ddpm.log and {w}/ddim.log")
     load = lambda f: json.load(open(f))  # noqa: E731
     report = {"model": a.model, "num_samples": a.num_samples, "steps": a.steps, "scales": a.scales,
               "noisy_val": load(f"{w}/noisy-val.json"), "clean_val": load(f"{w}/clean-val.json"),
