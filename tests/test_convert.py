@@ -147,6 +147,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         convert.parse_flags("--imagesize 64")
     with pytest.raises(UsageError, match="--learn_sigma 'maybe' is not a boolean"):
         convert.parse_flags("--learn_sigma maybe")
+    assert convert.parse_flags("--image_size=64")[0]["rescale_timesteps"] is True  # improved-diffusion's default
+    assert convert.parse_flags("--image_size=64", "guided")[0]["rescale_timesteps"] is False
+    with pytest.raises(UsageError, match="improved-diffusion has no num_head_channels"):
+        convert.parse_flags("--num_head_channels 64", "improved")
     with pytest.raises(UsageError, match="does not match the flags.*checkpoint lacks: enc\\."):  # 3 blocks per level
         convert_openai(str(tmp_path / "m.pt"), flags.replace("--num_res_blocks 2", "--num_res_blocks 3"),
                        str(tmp_path / "x.safetensors"))
