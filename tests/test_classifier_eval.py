@@ -104,3 +104,32 @@ def test_sweep_guidance_bad_input(files, tmp_path, capsys) -> None:
     assert main(["--model", files["model"], "--classifier", files["clf"], "--guidance-scales", "0,1", "--data", "x",
                  "--out-dir", str(tmp_path)]) == 2
     assert "class-conditional model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_classifier.sbatch", "sweep_guidance.sbatch"])
+def test_sbatch_scripts_outside_slurm_fail_with_one_line(script: str) -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", f"cluster/{script}"], cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == "error: run this script with sbatch (SLURM_JOB_ID is not set)"
+
+
+def test_pipeline_with_guidance_chains_classifier_and_sweep() -> None:
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not installed")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    p = subprocess.run(["bash", "cluster/pipeline.sh", "--dry-run", "--with-guidance"], cwd=repo, env=env,
+                       capture_output=True, text=True)
+    lines = dict(ln.split(": ", 1) for ln in p.stdout.strip().splitlines())
+    assert list(lines) == ["prepare", "train", "sample", "evaluate", "classifier", "sweep_guidance"]
+    assert "--dependency=afterok:<prepare job id> cluster/train_classifier.sbatch" in lines["classifier"]
+    assert "--dependency=afterok:<sample job id>:<classifier job id> cluster/sweep_guidance.sbatch" in \
+        lines["sweep_guidance"]
