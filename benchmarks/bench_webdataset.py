@@ -102,11 +102,11 @@ def time_plain(pattern: str, batch: int, images: int, size: int) -> tuple[float,
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "cls")
     n, t, c = 0, None, 0.0
     for imgs, cls in ds.map(prep).batched(batch):
-        x, y = to_float(np.ascontiguousarray(imgs)), torch.as_tensor(cls)
+        x, _ = to_float(np.ascontiguousarray(imgs)), torch.as_tensor(cls)
         if t is None:
             t, c = time.perf_counter(), time.process_time()
             continue
-        n += len(y)
+        n += len(x)
         if n >= images:
             break
     return n / (time.perf_counter() - t), 1e3 * (time.process_time() - c) / n
@@ -170,7 +170,8 @@ def report(args: argparse.Namespace, r: dict, start: str, mach: dict) -> str:
         f"{r['jpg_bytes'] / 1e3:,.1f} kB of JPEG. Conversion pays for itself after {epochs:.2f} epochs "
         "(its CPU time / CPU time saved per epoch).", "",
         "Raw figures (img/s): " + json.dumps({k: [round(x) for x in v] for k, v in r["runs"].items()}),
-        "", "Raw figures (CPU ms/img): " + json.dumps({k: [round(x, 3) for x in v] for k, v in r["cpu_ms_per_img"].items()}), ""])
+        "", "Raw figures (CPU ms/img): " + json.dumps({k: [round(x, 3) for x in v]
+                                                       for k, v in r["cpu_ms_per_img"].items()}), ""])
 
 
 def _main(argv: list[str] | None) -> int:

@@ -126,7 +126,7 @@ def resolve(source: SourceLike) -> Source:
                 names = ", ".join(bf.basename(f) for f in found)
                 raise DataError(f"folder {folder} holds several data sets ({names}): pass one manifest path")
             else:
-                tars = sorted(_in_folder(folder, "*.tar") + _in_folder(folder, "*.tar.gz") + _in_folder(folder, "*.tgz"))
+                tars = sorted(u for pat in ("*.tar", "*.tar.gz", "*.tgz") for u in _in_folder(folder, pat))
                 if not tars:
                     raise DataError(f"folder {folder} holds no manifest and no .tar shards")
                 parts.append(Source(tars))

@@ -8,6 +8,8 @@ import gzip
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -208,8 +210,8 @@ def test_bad_samples_skipped_and_counted_gzip_and_unlabelled(tmp_path):
     img = np.full((10, 6, 3), 7, np.uint8)
     with wds.ShardWriter(str(tmp_path / "u-%06d.tar"), maxcount=4, verbose=0) as sink:
         for i in range(8):  # captions in txt: unlabelled; sample 2 is a broken jpeg
-            sink.write({"__key__": f"k{i}", "jpg" if i == 2 else "png": b"\xff\xd8junk" if i == 2 else encode(img, "PNG"),
-                        "txt": "a caption"})
+            image = {"jpg": b"\xff\xd8junk"} if i == 2 else {"png": encode(img, "PNG")}
+            sink.write({"__key__": f"k{i}", **image, "txt": "a caption"})
     with open(tmp_path / "u-000001.tar", "rb") as f, gzip.open(tmp_path / "u-000001.tar.gz", "wb") as g:
         g.write(f.read())
     os.unlink(tmp_path / "u-000001.tar")
@@ -239,10 +241,7 @@ def test_bad_input_is_one_line_exit_2(wds_dir, tmp_path, capsys):
         EvalStream(pattern(wds_dir), 4, image_size=SIZE, resize="nearest")
 
 
-def _trainer(args: list[str], tmp_path) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _trainer(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "RANK", "WORLD_SIZE",
                                                                     "LOCAL_RANK", "MASTER_"))}
@@ -255,7 +254,8 @@ def test_trainer_data_flags(wds_dir, tmp_path):
     """trainer --data takes the ShardWriter pattern: mixed sizes are one line and exit 2 without
     --data-image-size, and train with it (unconditional tiny16: the labels are there but unused)."""
     base = ["--data", pattern(wds_dir), "--model-size", "tiny16", "--diffusion-steps", "20", "--global-batch", "4",
-            "--num-classes", "0", "--total-steps", "2", "--save-every", "2", "--sample-every", "0", "--sample-respacing", "4"]
+            "--num-classes", "0", "--total-steps", "2", "--save-every", "2", "--sample-every", "0",
+            "--sample-respacing", "4"]
     r = _trainer(base, tmp_path)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
     assert r.returncode == 2 and len(lines) == 1 and "--data-image-size" in lines[0], r.stderr[-2000:]
