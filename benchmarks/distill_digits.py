@@ -91,6 +91,21 @@ def run_distill(a: argparse.Namespace) -> dict[str, Any]:
         return {"command": " ".join(cmd), **json.load(f)}
 
 
+def sample_grid(rows: list[dict[str, Any]], real: np.ndarray, path: str, n: int = 16) -> list[str]:
+    """A PNG with one row of the first `n` samples (same noise) per configuration, real digits last; returns the
+    row labels top to bottom."""
+    from PIL import Image
+    strips, labels = [], []
+    for r in rows:
+        strips.append(np.concatenate(list(np.load(r["samples"])["arr_0"][:n]), axis=1))
+        labels.append(f"{r['sampler']} {r['steps']}")
+    strips.append(np.concatenate(list(real[:n]), axis=1))
+    labels.append("real")
+    g = np.concatenate(strips, axis=0)
+    Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(path)
+    return labels
+
+
 def markdown(rep: dict[str, Any], sweep_md: str) -> str:
     d, t = rep["distill"], rep["teacher_cost"]
     conv = ("A first round converts the epsilon teacher to a v-predicting student at the teacher's steps (target: one "
@@ -134,6 +149,10 @@ of FD at this sample size).
 
 {sweep_md.split(chr(10), 2)[2]}
 ![FD against steps](distill_digits.png)
+
+First 16 samples of each configuration (the same x_T in every row), rows top to bottom: {', '.join(rep['grid_rows'])}.
+
+![samples](distill_digits_samples.png)
 """
 
 
@@ -151,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=250)
     p.add_argument("--ddim", default="4,8,16,32,64,128")
     p.add_argument("--ddpm", default="16,64")
+    p.add_argument("--sweep-dir", default=None, help="sweep_steps folder (default OUT_DIR/sweep; samples there are "
+                   "reused, e.g. the teacher's from another study)")
+    p.add_argument("--results-name", default="distill_digits", help="stem of the files in benchmarks/results/")
     a = p.parse_args(argv)
     from evaluations.features import create_extractor, extract
     from evaluations.metrics import frechet_distance
@@ -163,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     clf, acc = judge(train, val)
     sc = scorers(clf)
     fr, fv = (extract(x[0], create_extractor("pixels")) for x in (train, val))
-    rep = sweep(a.teacher, ref, os.path.join(a.out_dir, "sweep"), students=students_of(a.out_dir),
+    rep = sweep(a.teacher, ref, a.sweep_dir or os.path.join(a.out_dir, "sweep"), students=students_of(a.out_dir),
                 ddim=_ints(a.ddim, "--ddim"), ddpm=_ints(a.ddpm, "--ddpm"), num_samples=a.num_samples,
                 scorers=sc)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -177,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
            "real_val_fd": float(frechet_distance(fv["mu"], fv["sigma"], fr["mu"], fr["sigma"])), "sweep": rep}
     from evaluations.sweep_steps import markdown as sweep_markdown, plot
     os.makedirs(RESULTS, exist_ok=True)
-    atomic_write_json(os.path.join(RESULTS, "distill_digits.json"), out)
-    atomic_write_text(os.path.join(RESULTS, "distill_digits.md"), markdown(out, sweep_markdown(rep)))
-    plot(rep, os.path.join(RESULTS, "distill_digits.png"))
+    stem = os.path.join(RESULTS, a.results_name)
+    out["grid_rows"] = sample_grid(rep["rows"], train[0], stem + "_samples.png")
+    atomic_write_json(stem + ".json", out)
+    atomic_write_text(stem + ".md", markdown(out, sweep_markdown(rep)).replace("](distill_digits", "](" + a.results_name))
+    plot(rep, stem + ".png")
     print(markdown(out, sweep_markdown(rep)))
     return 0
 

@@ -62,6 +62,42 @@ def test_target_equals_two_teacher_ddim_steps(guided):
     torch.testing.assert_close(one_step, ref, rtol=1e-9, atol=1e-9)
 
 
+def test_objective_distills_the_guided_teacher_with_one_student_forward(tmp_path):
+    from diffusion.losses import mean_flat
+    from trainer.config import parse_config
+    from trainer.export import save_exported
+    from trainer.objective import get_objective
+    torch.manual_seed(0)
+    cfg = micro(16, num_classes=3)
+    path = str(tmp_path / "cond.safetensors")
+    save_exported(path, cfg.build().state_dict(), cfg.to_dict(),
+                  {"steps": 64, "noise_schedule": "cosine", "learn_sigma": True}, step=0, ema="model")
+    tc = parse_config(["--objective", "distill", "--teacher", path, "--teacher-steps", "8", "--teacher-guidance",
+                       "2", "--data", "unused", "--run-dir", "unused"])
+    obj = get_objective("distill")(tc)
+    student = obj.build_model()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 2, 1])
+    calls = []
+
+    def net(a, t, **kw):
+        calls.append(a.shape[0])
+        return student(a, t, **kw)
+    loss, metrics = obj.loss(net, (x, y), torch.Generator().manual_seed(3))
+    assert calls == [4]  # one plain forward of the student per sample
+    g = torch.Generator().manual_seed(3)  # the same draws, by hand
+    j = torch.randint(0, 4, (4,), generator=g)
+    x_t = obj.diffusion.q_sample(x, j, noise=torch.randn(x.shape, generator=g))
+    target = teacher_ddim_target(ClassifierFreeGuidance(obj.teacher, 2.0, 3), create_diffusion(
+        steps=64, distilled_steps=8), x_t, 2 * j + 1, model_kwargs={"y": y})
+    with torch.no_grad():
+        v = student(x_t, torch.tensor(step_grid(64, 4))[j], y=y)[:, :3]
+    ab = torch.as_tensor(obj.diffusion.alphas_cumprod, dtype=torch.float32)[j].reshape(-1, 1, 1, 1)
+    x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * v
+    w = torch.clamp(ab / (1 - ab), min=1).flatten()
+    torch.testing.assert_close(loss.detach(), w * mean_flat((target - x0) ** 2), rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- real rounds
 
 @pytest.fixture(scope="module")
