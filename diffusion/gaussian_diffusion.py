@@ -60,7 +60,7 @@ class GaussianDiffusion:
     log Sigma = (v+1)/2 log beta_t + (1-v)/2 log beta~_t), "fixed_small" (beta~_t) or "fixed_large" (beta_t).
     loss_type: "simple" (MSE), "hybrid" (MSE + vlb_weight*T*L_t, the mean stop-gradiented inside L_t), "vlb" (T*L_t).
     The MSE is on the predicted quantity for epsilon / xstart; for v it is the x-space error weighted by the
-    truncated SNR, max(abar/(1-abar), 1) |x_0 - x_0_hat|^2 (Salimans & Ho 2022, eq. 9 "truncated SNR").
+    truncated SNR, max(abar/(1-abar), 1) |x_0 - x_0_hat|^2 (the "truncated SNR" weighting of Salimans & Ho 2022).
     """
 
     def __init__(self, *, betas: np.ndarray, model_mean_type: str = "epsilon", model_var_type: str = "learned_range",
