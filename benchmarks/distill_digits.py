@@ -140,10 +140,10 @@ through the teacher (forward only).
 ## Judge
 
 Logistic regression on the real training digits' pixels; accuracy on the {rep['val_images']} real validation
-digits: **{rep['judge_val_accuracy']:.3f}**. On the real training digits themselves: confident
+digits: **{rep['judge_val_accuracy']:.3f}**. On those real validation digits: confident
 {rep['real']['confident']}, mean top p {rep['real']['mean_top_p']}, class entropy {rep['real']['class_entropy_bits']}
-bits; FD(pixels) of the real validation digits to the training digits: {rep['real_val_fd']:.3f} (the noise floor
-of FD at this sample size).
+bits; FD(pixels) of {min(rep['val_images'], rep['sweep']['num_samples'])} real validation digits to the training
+digits: {rep['real_val_fd']:.3f} (the floor of FD at about this sample size).
 
 ## Quality against steps
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(ref, arr_0=train[0])
     clf, acc = judge(train, val)
     sc = scorers(clf)
-    fr, fv = (extract(x[0], create_extractor("pixels")) for x in (train, val))
+    fr, fv = (extract(x, create_extractor("pixels")) for x in (train[0], val[0][:a.num_samples]))
     rep = sweep(a.teacher, ref, a.sweep_dir or os.path.join(a.out_dir, "sweep"), students=students_of(a.out_dir),
                 ddim=_ints(a.ddim, "--ddim"), ddpm=_ints(a.ddpm, "--ddpm"), num_samples=a.num_samples,
                 scorers=sc)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python -m benchmarks.distill_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
            "teacher": a.teacher, "steps_per_round": a.steps_per_round, "lr": a.lr, "ema": a.ema, "distill": distill,
            "teacher_cost": teacher_cost(a.teacher), "judge_val_accuracy": acc, "val_images": int(len(val[0])),
-           "real": {k: f(train[0]) for k, f in sc.items()},
+           "real": {k: f(val[0]) for k, f in sc.items()},
            "real_val_fd": float(frechet_distance(fv["mu"], fv["sigma"], fr["mu"], fr["sigma"])), "sweep": rep}
     from evaluations.sweep_steps import markdown as sweep_markdown, plot
     os.makedirs(RESULTS, exist_ok=True)
