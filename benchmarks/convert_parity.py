@@ -62,6 +62,7 @@ def _reference(flags: str) -> torch.nn.Module:
     p = ap.ArgumentParser()
     su.add_dict_to_argparser(p, {**su.model_and_diffusion_defaults(), **su.classifier_defaults()})
     a = vars(p.parse_args(flags.split()))
+    a["use_fp16"] = a["classifier_use_fp16"] = False  # fp16 blocks do not run on CPU; saved weights are fp32 anyway
     fn = su.create_classifier if "--classifier_width" in flags else su.create_model
     return fn(**{k: a[k] for k in inspect.signature(fn).parameters})
 
