@@ -2,7 +2,7 @@
 classifier, judged by a classifier that did not guide (trained on clean images, another seed).
 
     python -m benchmarks.guidance_digits [--model /work/shared_models/uncond16/model.safetensors] \
-        [--work /work/clf_study] [--scales 0,1,3,10] [--num-samples 100] [--steps 25]
+        [--work /work/clf_study] [--scales 0,1,2,3,5,10] [--num-samples 300] [--steps 25]
 
 Steps (each skipped when its output exists, so a re-run resumes; the two sweeps run side by side): digits shards with a validation split
 (data.prepare digits, split seed 0: the unconditional model's training split); two classifiers trained with
@@ -56,9 +56,13 @@ def commands(a: argparse.Namespace) -> dict[str, list[list[str]]]:
         cmds[sampler] = [[PY, "-m", "evaluations.sweep_guidance", "--model", a.model, "--classifier",
                           f"{w}/noisy.safetensors", "--judge", f"{w}/clean.safetensors", "--data",
                           f"{w}/digits16/val-manifest.json", "--classifier-scales", a.scales, "--num-samples",
-                          str(a.num_samples), "--batch-size", "100", *flags, "--out-dir", f"{w}/sweep-{sampler}",
+                          str(a.num_samples), "--batch-size", "100", *flags, "--out-dir", sweep_dir(a, sampler),
                           "--no-progress"]]
     return cmds
+
+
+def sweep_dir(a: argparse.Namespace, sampler: str) -> str:
+    return f"{a.work}/sweep-{sampler}-n{a.num_samples}-s{a.steps}-c{a.scales.replace(',', '_')}"
 
 
 def machine() -> dict[str, str]:
@@ -90,10 +94,14 @@ def markdown(r: dict) -> str:
         for row in r[sampler]["rows"]:
             lines.append(f"| {sampler.upper()} | {row['classifier_scale']:g} | {row['judge_accuracy']:.3f} | "
                          f"{row['fid']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} |")
-    lines += ["", "Figure: `guidance-digits.png` (judge accuracy, FID and precision/recall against the scale).", "",
+    lines += ["", "Figures: `guidance-digits.png` (judge accuracy, FID and precision/recall against the scale) and "
+              "`guidance-digits-samples.png` (the first 20 samples of every point: digits 0-9 twice, one row per "
+              "scale; DDPM left, DDIM right).", "",
               "Commands (from the repository root):", ""]
     for cmds in r["commands"].values():
-        lines += ["    " + " ".join(c[2:] if c[0] == PY else c).replace(PY, "python") for c in cmds]
+        lines += ["    python " + " ".join(c[1:]) for c in cmds]
+    lines += ["", "The two classifier trainings ran side by side with OMP_NUM_THREADS=1 (this script runs them one "
+              "after the other when their exports are missing); the two sweeps ran side by side, one thread each."]
     return "\n".join(lines) + "\n"
 
 
@@ -121,14 +129,41 @@ def plot(r: dict, path: str) -> None:
     plt.close(fig)
 
 
+def sample_grid(r: dict, path: str) -> None:
+    """One row per scale, the first 20 samples (requested digits 0..9, 0..9); DDPM left, DDIM right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    rows = []
+    for i, _ in enumerate(r["ddpm"]["rows"]):
+        cells = []
+        for sampler in ("ddpm", "ddim"):
+            x = np.load(r[sampler]["rows"][i]["samples"])["arr_0"][:20]
+            cells.append(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255).transpose(1, 0, 2, 3)
+                         .reshape(x.shape[1] + 2, -1, 3))
+        rows.append(np.concatenate([cells[0], np.full((cells[0].shape[0], 8, 3), 255, np.uint8), cells[1]], 1))
+    grid = np.concatenate(rows, 0)
+    fig, ax = plt.subplots(figsize=(13, 13 * grid.shape[0] / grid.shape[1] + 0.9))
+    ax.imshow(grid, interpolation="nearest")
+    h = rows[0].shape[0]
+    ax.set_yticks([h * i + h / 2 for i in range(len(rows))],
+                  [f"scale {row['classifier_scale']:g}" for row in r["ddpm"]["rows"]])
+    ax.set_xticks([rows[0].shape[1] / 4, 3 * rows[0].shape[1] / 4], ["DDPM", "DDIM"])
+    ax.set_title("requested digits: 0 1 2 ... 9 0 1 ... 9 in every row", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="/work/shared_models/uncond16/model.safetensors")
     p.add_argument("--train-data", default="/work/shared_models/digits16/train-manifest.json",
                    help="digits training shards (the unconditional model's; the same split as data.prepare's)")
     p.add_argument("--work", default="/work/clf_study", help="folder for data, runs, samples (kept for re-runs)")
-    p.add_argument("--scales", default="0,1,3,10")
-    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--scales", default="0,1,2,3,5,10")
+    p.add_argument("--num-samples", type=int, default=300)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each of the two sweeps")
     a = p.parse_args()
@@ -136,7 +171,7 @@ def main() -> int:
     os.makedirs(w, exist_ok=True)
     done = {"data": f"{w}/digits16/val-manifest.json", "noisy": f"{w}/noisy.safetensors",
             "clean": f"{w}/clean.safetensors", "classify": f"{w}/clean-val.json",
-            "ddpm": f"{w}/sweep-ddpm/sweep_guidance.json", "ddim": f"{w}/sweep-ddim/sweep_guidance.json"}
+            "ddpm": f"{sweep_dir(a, 'ddpm')}/sweep_guidance.json", "ddim": f"{sweep_dir(a, 'ddim')}/sweep_guidance.json"}
     for step, cs in cmds.items():
         if not os.path.isfile(done[step]) and step not in ("ddpm", "ddim"):
             for c in cs:
@@ -155,6 +190,7 @@ def main() -> int:
     (RESULTS / "guidance-digits.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / "guidance-digits.md").write_text(markdown(report))
     plot(report, str(RESULTS / "guidance-digits.png"))
+    sample_grid(report, str(RESULTS / "guidance-digits-samples.png"))
     print(markdown(report))
     return 0
 
