@@ -8,8 +8,9 @@ Launch with python, torchrun/deepspeed, srun or mpiexec: the N samples are cut i
 batch b runs on rank b % world. Batch b draws its labels, x_T and every sampler noise from a CPU generator seeded by
 data.seeds.derive_seed(seed, b), so the result does not depend on the number of ranks or on the device's RNG. Each
 finished batch is saved atomically under OUT.parts/; a killed job re-run with the same command keeps them and does
-the rest. Rank 0 then writes OUT (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels [N] for class-conditional models) and
-OUT.json (settings, throughput) atomically, and removes OUT.parts/.
+the rest. Rank 0 then writes OUT (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels [N] for class-conditional models and
+classifier guidance) and OUT.json (settings, throughput) atomically, and removes OUT.parts/. --classifier guides
+with a noise-aware classifier (DDPM: mean shift, DDIM: score shift; unconditional models too; docs/evaluations.md).
 
 From Python, `sample(model, num_samples, ...)` returns the images and labels (on rank 0) and writes nothing but
 the optional resume folder `parts_dir`.
