@@ -33,6 +33,7 @@ from data.fsio import atomic_save_npz, atomic_write_bytes, atomic_write_json, at
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model
+from trainer.compile import InferenceNet, add_speed_flags, warm_up
 from evaluations.vdm_nll import VDMBound, is_vdm, load_vdm, markdown_lines, snr_png
 from trainer.sync import gather_rows
 
@@ -99,7 +100,8 @@ def _bound_share(model, diffusion, stream, *, expected: int, conditional: bool, 
 
 def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 32, num_images: int | None = None,
         seed: int = 0, clip: bool = True, device: str | None = None, threads: int | None = None,
-        progress: bool = True, resize: str | None = None, t_samples: int = 16) -> NLL | None:
+        progress: bool = True, resize: str | None = None, t_samples: int = 16, compile: bool | str = False,
+        precision: str = "fp32") -> NLL | None:
     """The variational bound in bits/dim of exported weights `model` on every image of `data`, over all ranks.
 
     data: held-out shards (manifest, brace pattern or path list); respace: the bound of a respaced process
@@ -109,6 +111,8 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
     of another size to the model's when read (as training's --data-image-size; default: used as stored).
     A VDM (trainer.vdm) is evaluated by evaluations.vdm_nll: `t_samples` stratified times per image, respace "T"
     the T-step loss instead of the continuous-time one.
+    compile: torch.compile the model (warmed up before the timer starts); precision: "fp32" or "bf16" autocast
+    where the device supports it (trainer.compile.InferenceNet; Improved-DDPM models only).
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `NLL` on rank 0 (after checking that every image was evaluated exactly once) and None elsewhere.
     """
@@ -116,12 +120,18 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
         raise UsageError("--batch-size and --num-images must be positive integers")
     ranks, dev = dist.init(device, threads)
     if is_vdm(model):
+        if compile or precision != "fp32":
+            raise UsageError("--compile/--precision apply to Improved-DDPM models, not to a VDM")
         if respace and not str(respace).isdigit():
             raise UsageError(f"--respace {respace}: a VDM takes a number of steps T (the T-step loss)")
         net, meta = load_vdm(model, dev)
         diffusion = VDMBound(t_samples, int(respace or 0))
     else:
         net, diffusion, meta = load_model(model, dev, respace or "", what=f"--respace {respace}")
+        net = InferenceNet(net, dev, compile=compile, precision=precision)
+        if compile:  # the batch shape compiles here, outside the timed loop
+            warm_up(net, [batch_size], (meta["model"].get("in_channels", 3),) + (meta["model"]["image_size"],) * 2,
+                    dev, meta["model"].get("num_classes"))
     stream = _open_stream(data, batch_size, ranks, meta["model"]["image_size"], resize)
     expected = stream.total if num_images is None else min(num_images, stream.total)
     local, vb_sum, elapsed = _bound_share(net, diffusion, stream, expected=expected, clip=clip, seed=seed,
@@ -240,6 +250,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the forward-process noise")
     p.add_argument("--t-samples", type=int, default=16,
                    help="VDM models only: stratified times t per image for the diffusion term (default 16)")
+    add_speed_flags(p)
     p.add_argument("--resize", choices=("adm", "area"), default=None,
                    help="centre-crop and resize images of another size to the model's side when read, as training's "
                         "--data-image-size (adm: guided-diffusion's center_crop_arr; default: images as stored)")
@@ -251,7 +262,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         r = nll(a.model, a.data, respace=a.respace, batch_size=a.batch_size, num_images=a.num_images, seed=a.seed,
                 clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, resize=a.resize,
-                t_samples=a.t_samples)
+                t_samples=a.t_samples, compile=a.compile, precision=a.precision)
     finally:
         dist.shutdown()
     if r is not None:

@@ -33,6 +33,7 @@ from data.fsio import atomic_save_npz, atomic_write_json
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model, load_npz
+from trainer.compile import add_speed_flags
 from trainer.sync import gather_rows
 
 PROG = "evaluations.sample"
@@ -128,8 +129,9 @@ class _Job:
 def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: int, respace: str | None,
              ddim: int | None, eta: float, guidance_scale: float, labels: str | np.ndarray | None,
              class_label: int | None, seed: int, clip: bool, classifier: str | None = None,
-             classifier_scale: float = 1.0) -> _Job:
+             classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32") -> _Job:
     from diffusion.guidance import ClassifierFreeGuidance
+    from trainer.compile import InferenceNet
     respacing = f"ddim{ddim}" if ddim else (respace or "")
     net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim")
     num_classes = meta["model"].get("num_classes")
@@ -147,6 +149,7 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
             raise UsageError(f"--class-label {class_label}: must lie in [0, {num_classes - 1}]")
         else:
             fixed = np.full(num_samples, class_label, dtype=np.int64)
+    net = InferenceNet(net, device, compile=compile, precision=precision)  # after the classifier took its dtype
     if guidance_scale:
         if not conditional:
             raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
@@ -158,7 +161,8 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
                 "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
                 "sampler": "ddim" if ddim else "ddpm", "timestep_respacing": respacing, "eta": eta,
                 "guidance_scale": guidance_scale, "clip_denoised": clip, "class_label": class_label,
-                "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None, **guide}
+                "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None, **guide,
+                **({"precision": precision} if precision != "fp32" else {})}
     size = meta["model"]["image_size"]
     if not conditional and classifier is not None:
         net = _DropLabels(net)
@@ -308,7 +312,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
            labels: str | np.ndarray | None = None, class_label: int | None = None, seed: int = 0,
            clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
            parts_dir: str | None = None, reuse: str | None = None, classifier: str | None = None,
-           classifier_scale: float = 1.0) -> Samples | None:
+           classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32") -> Samples | None:
     """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
 
     respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
@@ -322,6 +326,9 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     settings are reused; it must be shared by all ranks. None: batches stay in memory and are all-gathered.
     reuse: a finished output .npz (with its .json report beside it) of an earlier call; when its settings equal
     this call's, its arrays are returned without sampling (`Samples.reused`).
+    compile: torch.compile the model (True or a mode of trainer.compile.MODES), warmed up on every batch shape
+    before the timer starts; precision: "fp32" or "bf16" (autocast, where the device supports it); CUDA runs
+    channels_last (trainer.compile.InferenceNet).
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `Samples` on rank 0 and None on the other ranks.
     """
@@ -330,7 +337,8 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     ranks, dev = dist.init(device, threads)
     job = _prepare(model, dev, num_samples=num_samples, batch_size=batch_size, respace=respace, ddim=ddim,
                    eta=eta, guidance_scale=guidance_scale, labels=labels, class_label=class_label, seed=seed,
-                   clip=clip, classifier=classifier, classifier_scale=classifier_scale)
+                   clip=clip, classifier=classifier, classifier_scale=classifier_scale, compile=compile,
+                   precision=precision)
     if reuse is not None and (done := _finished(reuse, job.settings)) is not None:
         if not ranks.is_main:
             return None
@@ -342,6 +350,10 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     n, bs = num_samples, batch_size
     mine = list(range(ranks.rank, (n + bs - 1) // bs, ranks.world))
     todo = [b for b in mine if parts_dir is None or _read_part(_part(parts_dir, b), min(bs, n - b * bs)) is None]
+    warm = 0.0
+    if compile and todo:  # compilation (one graph per batch shape) is kept out of the timed region
+        from trainer.compile import warm_up
+        warm = warm_up(job.net, {min(bs, n - b * bs) for b in todo}, job.shape, dev, job.num_classes)
     t0 = time.time()
     kept = _sample_share(job, todo, n=n, bs=bs, seed=seed, ddim=bool(ddim), eta=eta, clip=clip, device=dev,
                          parts=parts_dir,
@@ -360,7 +372,9 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     report = {"settings": job.settings, "shape": list(images.shape), "ranks": ranks.world, "device": str(dev),
               "sampled_this_run": made_total, "resumed_batches": resumed, "seconds": round(wall, 3),
               "images_per_second": round(made_total / wall, 3) if wall > 0 and made_total else None,
-              "model_steps_per_image": job.diffusion.num_timesteps * (2 if guidance_scale else 1)}
+              "model_steps_per_image": job.diffusion.num_timesteps * (2 if guidance_scale else 1),
+              "compile": compile if compile is not True else "default", "precision": precision,
+              "warmup_seconds": round(warm, 3)}
     return Samples(images, ys, report)
 
 
@@ -389,6 +403,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--classifier-scale", type=float, default=None,
                    help="classifier guidance scale s (default 1 with --classifier; 0 = unguided)")
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
+    add_speed_flags(p)
     return p
 
 
@@ -404,7 +419,8 @@ def _main(argv: list[str] | None) -> int:
                    guidance_scale=a.guidance_scale, labels=a.labels, class_label=a.class_label, seed=a.seed,
                    clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, parts_dir=parts,
                    reuse=None if os.path.isdir(parts) else a.out, classifier=a.classifier,
-                   classifier_scale=1.0 if a.classifier_scale is None else a.classifier_scale)
+                   classifier_scale=1.0 if a.classifier_scale is None else a.classifier_scale, compile=a.compile,
+                   precision=a.precision)
     finally:
         dist.shutdown()
     if s is None:

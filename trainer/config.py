@@ -78,6 +78,8 @@ class ModelSection:
                                      frozen=True)
     dropout: float | None = option(None, "override the preset's dropout", lower=0.0, upper=1.0, upper_open=True)
     grad_checkpoint: bool = option(False, "gradient (activation) checkpointing inside the UNet")
+    compile: bool = option(False, "torch.compile the model (inductor, static shapes; ZeRO 0-2; the first step "
+                           "compiles, cached on disk: see trainer/compile.py)")
 
 
 @dataclass
@@ -350,6 +352,9 @@ def validate(c: TrainConfig) -> None:
         if not torch.cuda.is_available():
             raise UsageError("optim.precision (--precision) fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling "
                              "has no CPU path); use --precision bf16 or fp32 on CPU")
+    if c.model.compile and c.optim.zero_stage == 3:
+        from trainer.compile import ZERO3_REASON
+        raise UsageError(ZERO3_REASON)
     if c.optim.deepspeed_config and not os.path.isfile(c.optim.deepspeed_config):
         raise UsageError(f"optim.deepspeed_config (--deepspeed-config) {c.optim.deepspeed_config} does not exist")
 

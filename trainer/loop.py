@@ -134,6 +134,9 @@ class Trainer:
             else None
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=copy.deepcopy(self.ds_config), lr_scheduler=sched)
+        if cfg.model.compile:  # in place: parameter names, checkpoints and the EMA's views are unchanged
+            from trainer.compile import compile_engine
+            compile_engine(engine, cfg.optim.zero_stage)
         if self.world == 1 and cfg.optim.zero_stage == 0:
             engine.enable_backward_allreduce = False  # one rank: DeepSpeed's gradient all-reduce is a flatten + copy
         return engine
