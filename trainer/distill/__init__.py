@@ -44,7 +44,7 @@ class DistillOptions:
     student_mean_type: str = option("v", "what the student predicts", choices=lambda: MEAN_TYPES, frozen=True)
     teacher_guidance: float = option(0.0, "classifier-free guidance scale w of a class-conditional teacher "
                                      "(distilled into the student; 0 = off)", lower=0.0, frozen=True)
-    clip: bool = option(True, "clip the teacher's x_0 predictions to [-1, 1]", frozen=True)
+    teacher_clip: bool = option(True, "clip the teacher's x_0 predictions to [-1, 1]", frozen=True)
 
 
 def load_teacher(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], dict]:
@@ -149,7 +149,7 @@ class Distill(Objective):
         x_t = self.diffusion.q_sample(x, j, noise=noise)
         kw = {"y": y} if self.num_classes else {}
         target = teacher_ddim_target(self.teacher_fn, self.teacher_diffusion, x_t, r * j + r - 1, substeps=r,
-                                     clip=self.options.clip, model_kwargs=kw)
+                                     clip=self.options.teacher_clip, model_kwargs=kw)
         out = net(x_t, self.diffusion.map_timesteps(j), **kw)
         x0 = self.diffusion._predict_xstart(x_t.to(out.dtype), j, out[:, :x.shape[1]])
         xmse = mean_flat((target.to(x0.dtype) - x0) ** 2)
