@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thp", choices=["0", "1"], default="1",
                    help="THP_MEM_ALLOC_ENABLE for all three loops: 1 (the trainer's default) puts torch's CPU tensors "
                         "of 2 MiB and more on transparent huge pages, 0 does not")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the trainer with --compile in every case (eager and compiled alternate in order "
+                        "from round to round; compiled images/s leave out the first --warmup steps, compile included)")
     p.add_argument("--no-deepspeed-only", action="store_true",
                    help="skip the DeepSpeed-only loop (the split of the overhead into DeepSpeed's and the trainer's)")
     p.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)  # internal: one bare-loop process
@@ -399,16 +402,17 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def run_trainer(a: argparse.Namespace, ranks: int, zero: int, precision: str, data: str, work: Path) -> dict[str, Any]:
+def run_trainer(a: argparse.Namespace, ranks: int, zero: int, precision: str, data: str, work: Path,
+                compile: bool = False) -> dict[str, Any]:
     thr = threads_per_rank(a, ranks)
-    run_dir = work / f"run_r{ranks}_z{zero}_{precision}"
+    run_dir = work / f"run_r{ranks}_z{zero}_{precision}{'_compiled' if compile else ''}"
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "trainer.main", "--model-size", a.preset, "--data", data, "--run-dir", str(run_dir),
            "--total-steps", str(a.steps), "--global-batch", str(a.batch * ranks), "--micro-batch", str(a.batch),
            "--precision", precision, "--zero-stage", str(zero), "--log-every", "1", "--save-every", str(10**9),
-           "--sample-grid", "1", "--sample-respacing", "1", "--ema", "0.9999"]
+           "--sample-grid", "1", "--sample-respacing", "1", "--ema", "0.9999"] + (["--compile"] if compile else [])
     port = _free_port()
     procs, logs = [], []
     t0 = time.perf_counter()
@@ -600,6 +604,17 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
                  f"{' '.join(f'{x:.2f}' for x in t['img_s_per_step'])} | "
                  f"{' '.join(f'{x:.2f}' for x in b['per_rank'][0]['step_s'][a['warmup']:])} | {c['load1']} | "
                  f"{100 * best_overhead(c, a):.1f}% |")
+    comp = [c for c in res["cases"] if "compile_speedup" in c]
+    if comp:
+        L += ["", "Trainer with --compile (inductor) against eager and the bare loop, same case and round (first "
+              f"{a['warmup']} steps, which include the compile, left out; whole-process wall times show its cost):", "",
+              "| round | ranks | ZeRO | precision | compiled img/s | eager img/s | bare img/s | compiled / eager | "
+              "compiled / bare | wall s, compiled / eager run |", "|---" * 10 + "|"]
+        for c in comp:
+            t = c["trainer_compiled"]
+            L.append(f"| {c.get('round', 1)} | {c['ranks']} | {c['zero']} | {c['precision']} | {t['img_s']:.3f} | "
+                     f"{c['trainer']['img_s']:.3f} | {c['bare']['img_s']:.3f} | **{c['compile_speedup']:.3f}x** | "
+                     f"{t['img_s'] / c['bare']['img_s']:.3f}x | {t['wall_s']:.0f} / {c['trainer']['wall_s']:.0f} |")
     busy = sorted({p.split(" (")[0] for c in res["cases"] for p in c.get("other_busy_processes", [])})
     L += ["", "Other processes above 10% CPU (ps) at the start of a case: " + (", ".join(busy) if busy else "none")
           + " (per case, with pids, in the JSON)."]
@@ -686,7 +701,17 @@ def main(argv: list[str] | None = None) -> int:
             case["bare"] = bare_cache[(rnd, ranks, prec)]
             if not a.no_deepspeed_only:
                 case["deepspeed_only"] = run_bare(a, ranks, prec, work, f"_z{zero}", zero=zero)
+            compiled_first = a.compile and rnd % 2 == 0
+            if compiled_first:
+                case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
             case["trainer"] = run_trainer(a, ranks, zero, prec, data, work)
+            if a.compile and not compiled_first:
+                case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
+            if a.compile:
+                tc = case["trainer_compiled"]
+                case["compile_speedup"] = tc["img_s"] / case["trainer"]["img_s"]
+                print(f"  trainer --compile {tc['img_s']:.3f} img/s = {case['compile_speedup']:.3f}x eager, "
+                      f"{tc['img_s'] / case['bare']['img_s']:.3f}x bare", file=sys.stderr, flush=True)
             case["overhead"] = 1.0 - case["trainer"]["img_s"] / case["bare"]["img_s"]
             msg = ""
             if "deepspeed_only" in case:
