@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_data
 	$(BIN)/python -m benchmarks.bench_trainer
 	$(BIN)/python -m benchmarks.bench_metrics
+	$(BIN)/python -m benchmarks.bench_sampling --preset tiny16 --batch 16 --rounds 3
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
