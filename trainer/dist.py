@@ -5,14 +5,19 @@
 (the sbatch script sets them). `mpiexec`: ranks come from mpi4py, rank 0's address and a free port are broadcast.
 No launcher: one rank on 127.0.0.1 and a free port. CPU uses gloo, CUDA uses NCCL (DeepSpeed's accelerator choice).
 
-Every collective (and the first rendezvous) has a timeout (`--collective-timeout`). When a collective fails (a peer
-died: gloo's "Connection reset by peer") or times out (a peer hung), `lost_rank_message` names the ranks whose
-processes are gone on this host (every rank's host and PID are exchanged once after start-up).
+Every collective (and the first rendezvous) has a timeout (`--collective-timeout`). DeepSpeed's own groups do not
+inherit it (a gloo all-reduce of its gradient clipping waited forever on a stopped peer), so a `Watchdog` thread
+also ends the rank when no step finished for that long. When a collective fails (a peer died: gloo's "Connection
+reset by peer") or the watchdog fires (a peer hung), `lost_rank_message` names the ranks whose processes are gone on
+this host (every rank's host and PID are exchanged once after start-up).
 """
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -117,7 +122,7 @@ def lost_rank_message(rank: int, step: int, error: BaseException, timeout_s: flo
     if gone:
         who = ", ".join(f"rank {r} (PID {PEERS[r]['pid']} on {here})" for r in gone)
         what = f"{who} died"
-    elif "timed out" in first.lower() or "timeout" in first.lower():
+    elif isinstance(error, TimeoutError) or "timed out" in first.lower() or "timeout" in first.lower():
         what = f"a collective made no progress for {timeout_s:.0f} s (--collective-timeout): a rank hung or died"
     else:
         what = "a rank died or hung"
@@ -125,3 +130,30 @@ def lost_rank_message(rank: int, step: int, error: BaseException, timeout_s: flo
         what += f" (ranks on {', '.join(remote)} not checked from here)"
     return (f"rank {rank} stopping at step {step}: {what} [{type(error).__name__}: {first}]; the job ends here; "
             f"re-run the same command to resume from the newest intact checkpoint")
+
+
+
+class Watchdog:
+    """Ends this rank with one line and `code` when `beat()` was not called for `timeout_s` seconds (a collective
+    that waits on a hung or dead peer, or this rank stuck on its own). `step()` gives the step for the line."""
+
+    def __init__(self, rank: int, timeout_s: float, step, code: int) -> None:
+        self.rank, self.timeout_s, self.step, self.code = rank, timeout_s, step, code
+        self.last, self.stop = time.monotonic(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Progress was made (a step, a save, a preview); starts the watch at the first call."""
+        self.last = time.monotonic()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+            self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                err = TimeoutError(f"no step, save or preview finished for {idle:.0f} s")
+                print(f"trainer: {lost_rank_message(self.rank, self.step(), err, self.timeout_s)}", file=sys.stderr,
+                      flush=True)
+                os._exit(self.code)

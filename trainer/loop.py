@@ -28,10 +28,10 @@ from data.errors import DataError
 from data.fsio import atomic_write_json
 from data.seeds import derive_seed
 from data.stream import TrainStream
-from trainer import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED
+from trainer import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RANK_LOST, EXIT_SAVE_FAILED
 from trainer.checkpoint import Checkpointer, SaveError, read_json, resume_point, set_aside
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, frozen_changes
-from trainer.dist import Launch, init
+from trainer.dist import Launch, Watchdog, init
 from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
 from trainer.images import save_grid
 from trainer.metrics import MetricSums, reduce_metrics
@@ -77,6 +77,7 @@ class Trainer:
         self.metrics, self.stop = MetricSums(), Preemption()
         self.writer = self._open_writer() if self.rank == 0 else None
         self.grad_norm, self.wait = float("nan"), 0.0  # wait: seconds spent waiting for data in this step
+        self.watchdog = Watchdog(self.rank, cfg.run.collective_timeout, lambda: self.step, EXIT_RANK_LOST)
         self._reset_timers(time.perf_counter())
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -222,6 +223,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.watchdog.stop.set()
             if self.writer is not None:
                 self.writer.close()
 
@@ -230,6 +232,7 @@ class Trainer:
         while self.step < cfg.optim.total_steps:
             t0, self.wait = time.perf_counter(), 0.0
             preempted, nonfinite = self.train_step()
+            self.watchdog.beat()  # from the first step on: a step, save or preview taking --collective-timeout ends it
             self.steps_since_log += 1
             self.wait_since_log += self.wait
             self.step_time_since_log += time.perf_counter() - t0
@@ -246,6 +249,7 @@ class Trainer:
                 return EXIT_NONFINITE
             if self._log_due(self.step):
                 self.log()
+            self.watchdog.beat()
             t_aside = time.perf_counter()  # checkpoints and grids are not training throughput
             if (self.step % cfg.checkpoint.save_every == 0 or self.step == cfg.optim.total_steps or preempted) \
                     and nonfinite_run == 0 and not self.save_or_fail():
@@ -255,12 +259,14 @@ class Trainer:
             if self._snapshot_due(preempted):
                 self.snapshot()
             self.t_log += time.perf_counter() - t_aside
+            self.watchdog.beat()
             if preempted:
                 self._say(f"preemption signal received; saved step {self.step}; exiting {EXIT_PREEMPTED} "
                           f"(re-run the same command to resume)")
                 if self.rank == 0:
                     request_requeue(cfg.checkpoint.slurm_requeue)
                 return EXIT_PREEMPTED
+        self.watchdog.beat()
         self._final_preview()
         out = cfg.run.run_dir
         self._say(f"done, {self.step} steps. Checkpoints: {os.path.join(out, 'checkpoints')}; samples: "
