@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 
 from data.cli import ArgumentParser, UsageError, run_cli
 from data.fsio import atomic_save_npz, atomic_write_json
+from data.runlock import LockHeld, RunLock
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model, load_npz
@@ -225,10 +227,18 @@ def _finished(out: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     return done if done.get("settings") == settings else None
 
 
-def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks) -> None:
-    """Rank 0 creates `parts`/settings.json or checks the one there; every rank must see it (shared disk)."""
-    problem = None
+def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks) -> RunLock | None:
+    """Rank 0 takes `parts`.lock (one sampler per parts folder: data.runlock), creates `parts`/settings.json or
+    checks the one there; every rank must see it (shared disk). Returns rank 0's lock (release it when done)."""
+    problem, lock = None, None
     if ranks.is_main:
+        try:
+            lock = RunLock(parts.rstrip("/") + ".lock", what=f"the sampling parts folder {parts}").acquire()
+        except LockHeld as e:
+            problem = str(e)
+    if ranks.is_main and problem is None:
+        for note in lock.notes:
+            print(f"{PROG}: {note}", file=sys.stderr, flush=True)
         os.makedirs(parts, exist_ok=True)
         cfg = os.path.join(parts, "settings.json")
         if os.path.isfile(cfg):
@@ -242,10 +252,15 @@ def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks) -> Non
             atomic_write_json(cfg, settings)
     # Every rank learns whether rank 0 found a problem, so none is left waiting at a barrier.
     if dist.all_reduce_sum(torch.tensor([problem is not None], dtype=torch.int64)).item():
+        if lock:
+            lock.release()
         raise UsageError(problem or "rank 0 refused the existing parts folder (see its message)")
     hidden = not os.path.isfile(os.path.join(parts, "settings.json"))
     if dist.all_reduce_sum(torch.tensor([hidden], dtype=torch.int64)).item():
+        if lock:
+            lock.release()
         raise UsageError(f"{parts} is not visible from every rank; --out must be on a shared file system")
+    return lock
 
 
 def _sample_share(job: _Job, todo: list[int], *, n: int, bs: int, seed: int, ddim: bool, eta: float, clip: bool,
@@ -345,8 +360,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
         arrays = load_npz(reuse)
         return Samples(arrays["arr_0"], arrays.get("arr_1"),
                        {**done, "sampled_this_run": 0, "images_per_second": None}, reused=True)
-    if parts_dir is not None:
-        _claim_parts(parts_dir, job.settings, ranks)
+    lock = _claim_parts(parts_dir, job.settings, ranks) if parts_dir is not None else None
     n, bs = num_samples, batch_size
     mine = list(range(ranks.rank, (n + bs - 1) // bs, ranks.world))
     todo = [b for b in mine if parts_dir is None or _read_part(_part(parts_dir, b), min(bs, n - b * bs)) is None]
@@ -366,6 +380,8 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     else:
         dist.barrier()
         images, ys = _from_parts(parts_dir, n, bs) if ranks.is_main else (None, None)
+        if lock:
+            lock.release()
     if not ranks.is_main:
         return None
     made_total, resumed, wall = int(stats[:, 0].sum()), int(stats[:, 1].sum()), float(stats[:, 2].max())

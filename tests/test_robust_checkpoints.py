@@ -223,3 +223,25 @@ def test_rollback_then_full_disk_then_lock_and_damaged_resume(digits, tmp_path, 
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == [
         "latest", "step_00000004", "step_00000006", "step_00000006.damaged"]
     assert checkpoint_main(["verify", copy]) == 0
+
+
+def test_sampling_parts_folder_has_one_writer(tmp_path) -> None:
+    """evaluations.sample's OUT.parts/ is claimed under OUT.parts.lock: a live holder is named, a dead one's lock
+    is taken over, and the lock is released by the claimant."""
+    from evaluations.dist import Ranks
+    from evaluations.sample import _claim_parts
+    parts, ranks = str(tmp_path / "out.npz.parts"), Ranks(0, 0, 1)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from data.runlock import RunLock; "
+                               f"RunLock({parts + '.lock'!r}, what='x').acquire(); print(1, flush=True); "
+                               "time.sleep(120)"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        with pytest.raises(UsageError, match=f"sampling parts folder {parts} is in use by PID {holder.pid} on"):
+            _claim_parts(parts, {"n": 1}, ranks)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = _claim_parts(parts, {"n": 1}, ranks)  # the holder is gone: taken over
+    assert "its process is gone" in lock.notes[0] and os.path.isfile(os.path.join(parts, "settings.json"))
+    lock.release()
+    assert not os.path.exists(parts + ".lock")
