@@ -116,7 +116,7 @@ def train_steps(s: dict[str, Any], *, dtype: torch.dtype, checkpoint: bool = Fal
             opt.step()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     steady = times[s["warmup"]:] or times
     out = {"seconds_per_step": sum(steady) / len(steady), "first_step_seconds": times[0], "losses": losses,
            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}

@@ -76,9 +76,9 @@ def engine_losses(stage: int, compiled: bool, steps: int = 3) -> tuple[list[floa
     if compiled:
         compile_engine(engine, stage)
     g, losses = torch.Generator().manual_seed(1), []
-    for _ in range(steps):
-        x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 100, (4,), generator=g), \
-            torch.randint(0, 4, (4,), generator=g)
+    x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 100, (4,), generator=g), \
+        torch.randint(0, 4, (4,), generator=g)
+    for _ in range(steps):  # one fixed batch: the loss must fall
         loss = (engine(x, t, y) - x.repeat(1, 2, 1, 1)).square().mean()
         engine.backward(loss)
         engine.step()
