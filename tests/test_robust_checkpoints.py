@@ -245,3 +245,31 @@ def test_sampling_parts_folder_has_one_writer(tmp_path) -> None:
     assert "its process is gone" in lock.notes[0] and os.path.isfile(os.path.join(parts, "settings.json"))
     lock.release()
     assert not os.path.exists(parts + ".lock")
+
+
+def test_absurd_or_foreign_model_json_is_refused_before_allocation(tmp_path) -> None:
+    """An exported model's JSON with absurd sizes, or sizes that do not match the weights file, is refused from the
+    JSON and the file's header alone (the model is only built on the meta device)."""
+    from safetensors.torch import save_file
+    from diffusion.presets import PRESETS, create_model_from_config
+    from evaluations.io import load_model
+    cfg = PRESETS["tiny16"].to_dict()
+    path = str(tmp_path / "m.safetensors")
+    save_file({k: v.contiguous() for k, v in create_model_from_config(cfg).state_dict().items()}, path)
+    meta = {"model": cfg, "diffusion": {"steps": 10}}
+
+    def with_model(**change) -> None:
+        json.dump({**meta, "model": {**cfg, **change}}, open(str(tmp_path / "m.json"), "w"))
+    with_model()
+    load_model(path)
+    with_model(model_channels=10**9)
+    t0 = time.time()
+    with pytest.raises(UsageError, match=r"model.model_channels = 1000000000 in .*m.json is not a plausible size"):
+        load_model(path)
+    with_model(model_channels=4096)  # plausible on its own: 19 G weights, refused from the header in well under 1 s
+    with pytest.raises(UsageError, match=r"describes a model of 19\d\d\d.\d\dM weights, .* holds 1.19M"):
+        load_model(path)
+    with_model(channel_mult=[1] * 100)
+    with pytest.raises(UsageError, match="model.channel_mult"):
+        load_model(path)
+    assert time.time() - t0 < 5

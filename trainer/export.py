@@ -41,6 +41,44 @@ def save_exported(path: str, state_dict: dict[str, torch.Tensor], model_config: 
     return path, jpath
 
 
+MAX_CONFIG_INT = 1 << 16  # no size field of a UNet config (channels, blocks, image side, classes) is this large
+
+
+def weights_numel(path: str) -> int:
+    """Elements of every tensor of a safetensors file, from its header (nothing else is read)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        total = 0
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+        return total
+
+
+def check_model_size(cfg: dict[str, Any], path: str) -> None:
+    """Refuse (ValueError, one phrase) a model config with absurd sizes, or one that does not describe the weights
+    in `path`, or needs more memory than this machine has, before anything is allocated: the model is built on
+    the meta device and its state-dict elements compared with the file's header."""
+    from diffusion.presets import create_model_from_config
+    for k, v in cfg.items():
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_CONFIG_INT or \
+                isinstance(v, (list, tuple)) and (len(v) > 64 or any(isinstance(x, (int, float)) and
+                                                                       abs(x) > MAX_CONFIG_INT for x in v)):
+            raise ValueError(f"model.{k} = {str(v)[:40]} in {json_path_for(path)} is not a plausible size (edited?)")
+    with torch.device("meta"):
+        numel = sum(t.numel() for t in create_model_from_config(cfg).state_dict().values())
+    have = weights_numel(path)
+    if numel != have:
+        raise ValueError(f"{json_path_for(path)} describes a model of {numel / 1e6:.2f}M weights, {path} holds "
+                         f"{have / 1e6:.2f}M: the JSON does not belong to these weights")
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 8 * numel > free:  # the fp32 file read plus the fp32 model
+        raise ValueError(f"the model needs about {8 * numel / 2**30:.1f} GiB to load ({numel / 1e6:.0f}M fp32 "
+                         f"weights, twice), this machine has {free / 2**30:.1f} GiB free")
+
+
 def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Load an exported model -> (model in eval mode on `device`, diffusion kwargs, full meta dict).
 
@@ -55,6 +93,7 @@ def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[torch.
         raise FileNotFoundError(f"no JSON config next to the weights: expected {jpath}")
     with open(jpath) as f:
         meta = json.load(f)
+    check_model_size(meta["model"], path)
     model = create_model_from_config(meta["model"])
     state = load_file(path, device="cpu")
     model.load_state_dict(state, strict=True)
