@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,12 @@ def ranks():
         p.wait()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(args: list[str], log: str, started: list, port: int) -> list[subprocess.Popen]:
     for r in range(2):
         env = dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -55,7 +62,6 @@ def wait_for(text: str, log: str, procs: list[subprocess.Popen], timeout: float 
 
 
 def test_dead_rank_and_hung_rank_end_the_job_with_one_line(digits, tmp_path, ranks) -> None:
-    from tests.test_trainer_train import free_port
     run, log = str(tmp_path / "run"), str(tmp_path / "log")
     args = [*ARGS, "--data", digits, "--run-dir", run]
     r0, r1 = start(args, log, ranks, free_port())
