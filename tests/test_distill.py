@@ -198,3 +198,14 @@ def test_bad_input_is_one_line_exit_2(setup, capsys, extra, teacher, message):
         main(_distill(setup, *extra, teacher=teacher))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_round_plan_and_the_cluster_job_refuses_a_missing_teacher():
+    from trainer.distill.__main__ import plan_rounds, round_dir
+    assert plan_rounds(8, 2, True) == [(8, 1), (8, 2), (4, 2)] and plan_rounds(256, 4, False)[-1] == (8, 2)
+    assert os.path.basename(round_dir("o", 0, 8, 1)) == "round00-8v"
+    assert os.path.basename(round_dir("o", 3, 8, 2)) == "round03-8to4"
+    env = {k: v for k, v in ENV.items() if k != "TEACHER"}
+    r = subprocess.run(["bash", "cluster/distill.sbatch"], cwd=ROOT, env=dict(env, SLURM_JOB_ID="1"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "TEACHER= is not a file" in r.stderr, r.stderr
