@@ -166,7 +166,8 @@ def test_cluster_shell_scripts_pass_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
     scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "cluster").iterdir() if p.suffix in (".sh", ".sbatch"))
-    assert len(scripts) == 9
+    assert {"cluster/train_imagenet64.sbatch", "cluster/train_classifier.sbatch", "cluster/distill.sbatch",
+            "cluster/sweep_guidance.sbatch", "cluster/common.sh"} <= set(scripts)  # every script is linted
     p = subprocess.run(["shellcheck", "-x", "-P", "SCRIPTDIR/..", "-s", "bash", *scripts], cwd=REPO,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
