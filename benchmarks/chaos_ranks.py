@@ -91,14 +91,39 @@ def start(launcher: str, world: int, run_dir: str, data: str, log: str, extra: l
                              stdout=open(f"{log}" if r == 0 else f"{log}.{r}", "w"), **kw) for r in range(world)]
 
 
-def trial(launcher: str, world: int, how: str, data: str, tmp: str, timeout_s: float) -> dict:
+class SrunJob:
+    """A job of cluster/train_imagenet64.sbatch on the local SLURM cluster, seen as a process (poll/returncode)."""
+
+    def __init__(self, cluster, world: int, run_dir: str, data: str, log: str, extra: list[str]) -> None:
+        self.cluster, self.pid, self.returncode = cluster, -1, None
+        train_args = " ".join(a for a in ARGS if a != "--model-size" and a != "tiny16") + " " + " ".join(extra)
+        self.id = cluster.sbatch(f"--nodes={world}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                                 "--oversubscribe", "--time=30", f"--output={log}", "cluster/train_imagenet64.sbatch",
+                                 cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MODEL_SIZE": "tiny16",
+                                                "DATA": data, "RUN_DIR": run_dir, "TRAIN_ARGS": train_args})
+
+    def poll(self) -> int | None:
+        recs = self.cluster.job(self.id)
+        if recs and recs[0].get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            self.returncode = int(recs[0].get("ExitCode", "0:0").split(":")[0])
+        return self.returncode
+
+    def wait(self) -> int | None:
+        while self.poll() is None:
+            time.sleep(0.2)
+        return self.returncode
+
+
+def trial(launcher: str, world: int, how: str, data: str, tmp: str, timeout_s: float, cluster=None) -> dict:
     run_dir = os.path.join(tmp, f"{launcher}-{world}-{how}")
     log = run_dir + ".log"
-    procs = start(launcher, world, run_dir, data, log, ["--collective-timeout", str(timeout_s)])
+    extra = ["--collective-timeout", str(timeout_s)]
+    procs = [SrunJob(cluster, world, run_dir, data, log, extra)] if launcher == "srun" else \
+        start(launcher, world, run_dir, data, log, extra)
     victim_rank = world - 1
     deadline = time.time() + 900
     try:
-        while "step 3/" not in open(log).read():
+        while not os.path.exists(log) or "step 3/" not in open(log).read():
             if time.time() > deadline or all(p.poll() is not None for p in procs):
                 raise RuntimeError(f"{launcher} job did not reach step 3: {open(log).read()[-1500:]}")
             time.sleep(0.05)
@@ -116,7 +141,7 @@ def trial(launcher: str, world: int, how: str, data: str, tmp: str, timeout_s: f
         lines = [ln for ln in text.splitlines() if "trainer: rank" in ln and "stopping" in ln]
         return {"launcher": launcher, "ranks": world, "case": f"rank {victim_rank} {'killed' if how == 'kill' else 'stopped'}",
                 "seconds_to_end": round(ended, 2), "ended": ended < 600,
-                "exit_codes": [p.returncode for p in procs], "line": lines[0][:300] if lines else ""}
+                "exit_codes": [p.poll() for p in procs], "line": lines[0][:300] if lines else ""}
     finally:
         for q in job_processes(run_dir):
             try:
@@ -124,7 +149,9 @@ def trial(launcher: str, world: int, how: str, data: str, tmp: str, timeout_s: f
             except psutil.Error:
                 pass
         for p in procs:
-            if p.poll() is None:
+            if isinstance(p, SrunJob):
+                cluster.run(["scancel", str(p.id)], check=False)
+            elif p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
@@ -136,15 +163,22 @@ def main() -> None:
     ap.add_argument("--collective-timeout", type=float, default=20.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "chaos-ranks"))
     a = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    rows, cluster = [], None
+    if "srun" in a.launchers:
+        sys.path.insert(0, ROOT)
+        from tests.slurm_cluster import SlurmCluster
+        cluster = SlurmCluster()
+        cluster.start()
+    with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:  # srun jobs need a path both nodes see
         for launcher in a.launchers.split(","):
             for world, how in ((1, "kill"), (2, "kill"), (2, "stop")):
                 if world == 1 and how == "stop":
                     continue
-                row = trial(launcher, world, how, a.data, tmp, a.collective_timeout)
+                row = trial(launcher, world, how, a.data, tmp, a.collective_timeout, cluster)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    if cluster is not None:
+        cluster.stop()
     machine = f"{platform.node()}, {os.cpu_count()} CPUs ({subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} usable), load {os.getloadavg()[0]:.1f}"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine, "command": " ".join(sys.argv),
             "collective_timeout_s": a.collective_timeout}

@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -132,15 +133,18 @@ class RunLock:
         self.notes.append(f"took over the lock of {describe(holder)} on {self.what}: {reason}")
 
     def _heartbeat(self) -> None:
+        """Refresh the mtime; when another process took the lock (--force-unlock), say so once on stderr."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 holder, _ = self._read()
                 if holder.get("pid") != self.me["pid"] or holder.get("host") != self.me["host"]:
                     self.lost = f"the lock {self.path} now belongs to {describe(holder)}"
-                    return
-                os.utime(self.path)
+                else:
+                    os.utime(self.path)
             except OSError as e:
                 self.lost = f"the lock {self.path} is gone ({e.strerror})"
+            if self.lost:
+                print(f"warning: {self.what}: {self.lost}; two writers may now share it", file=sys.stderr, flush=True)
                 return
 
     def release(self) -> None:
