@@ -22,7 +22,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--model-size", "tiny16", "--diffusion-steps", "50", "--global-batch", "8", "--lr", "1e-3", "--ema", "0.9",
-        "--log-every", "1", "--seed", "5", "--collective-timeout", "30", "--sample-grid", "4", "--sample-respacing", "2"]
+        "--log-every", "1", "--seed", "5", "--collective-timeout", "30", "--sample-grid", "4",
+        "--sample-respacing", "2"]
 ENV = dict({k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "RANK", "WORLD_SIZE",
                                                                      "LOCAL_RANK", "MASTER_"))},
            OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
@@ -143,11 +144,13 @@ def main() -> None:
                 f"{meta['date']}; {meta['machine']}; `{meta['command']}` ({meta['wall_seconds']} s). tiny16, fp32, "
                 f"ZeRO-0, {res['total_steps']} steps, a checkpoint every {res['save_every']}; ranks started with "
                 f"torchrun-style variables. Largest difference of the final weights, EMA and sampler state from an "
-                f"uninterrupted run: **{res['max_abs_diff']:.3g}** ({'<= 1e-6: equal' if ok else 'NOT within 1e-6'}).\n\n"
+                f"uninterrupted run: **{res['max_abs_diff']:.3g}** "
+                f"({'<= 1e-6: equal' if ok else 'NOT within 1e-6'}).\n\n"
                 "| kill | resumed from | killed after step | during a save | rank killed | exit codes | survivor "
                 "ended after s | next resume | lost steps |\n|---|---|---|---|---|---|---|---|---|\n")
         for i, r in enumerate(res["rows"]):
-            f.write(f"| {i + 1} | {r['resumed_from']} | {r['killed_after_step']} | {'yes' if r['during_save'] else 'no'}"
+            save = "yes" if r["during_save"] else "no"
+            f.write(f"| {i + 1} | {r['resumed_from']} | {r['killed_after_step']} | {save}"
                     f" | {r['victim_rank']} | {r['exit_codes']} | {r['survivor_ended_s']} | {r['next_resume']} | "
                     f"{r['lost_steps']} |\n")
     print(f"max abs diff {res['max_abs_diff']:.3g}; wrote {a.out}.md", flush=True)

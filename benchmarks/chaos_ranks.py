@@ -1,6 +1,6 @@
 """Time from a rank's death (kill -9) or hang (SIGSTOP) to the end of the whole training job, per launcher.
 
-    python benchmarks/chaos_ranks.py --data MANIFEST [--launchers deepspeed,env,mpi] [--out benchmarks/results/chaos-ranks]
+    python benchmarks/chaos_ranks.py --data MANIFEST [--launchers deepspeed,env,mpi,srun] [--out OUT]
 
 For each launcher (deepspeed = the `deepspeed` launcher; env = one process per rank with torchrun-style RANK/
 WORLD_SIZE/MASTER_* variables, no supervisor; mpi = mpiexec of the mpich wheel; srun = a local two-node SLURM
@@ -139,7 +139,8 @@ def trial(launcher: str, world: int, how: str, data: str, tmp: str, timeout_s: f
         ended = time.time() - t0
         text = "".join(open(f).read() for f in [log] + [f"{log}.{r}" for r in range(1, world)] if os.path.exists(f))
         lines = [ln for ln in text.splitlines() if "trainer: rank" in ln and "stopping" in ln]
-        return {"launcher": launcher, "ranks": world, "case": f"rank {victim_rank} {'killed' if how == 'kill' else 'stopped'}",
+        case = f"rank {victim_rank} {'killed' if how == 'kill' else 'stopped'}"
+        return {"launcher": launcher, "ranks": world, "case": case,
                 "seconds_to_end": round(ended, 2), "ended": ended < 600,
                 "exit_codes": [p.poll() for p in procs], "line": lines[0][:300] if lines else ""}
     finally:
@@ -179,7 +180,8 @@ def main() -> None:
                 rows.append(row)
     if cluster is not None:
         cluster.stop()
-    machine = f"{platform.node()}, {os.cpu_count()} CPUs ({subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} usable), load {os.getloadavg()[0]:.1f}"
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    machine = f"{platform.node()}, {os.cpu_count()} CPUs ({nproc} usable), load {os.getloadavg()[0]:.1f}"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine, "command": " ".join(sys.argv),
             "collective_timeout_s": a.collective_timeout}
     with open(a.out + ".json", "w") as f:
@@ -189,7 +191,8 @@ def main() -> None:
                 f"`{meta['command']}`; --collective-timeout {a.collective_timeout:g} s. tiny16 on CPU (gloo); the "
                 f"victim is hit after rank 0 logged step 3; the time is until every process of the job has exited "
                 f"(a stopped victim is killed only after that, by this script).\n\n"
-                "| launcher | ranks | case | s to end | exit code(s) | the trainer's line |\n|---|---|---|---|---|---|\n")
+                "| launcher | ranks | case | s to end | exit code(s) | the trainer's line |\n"
+                "|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['launcher']} | {r['ranks']} | {r['case']} | {r['seconds_to_end']} | {r['exit_codes']} | "
                     f"{r['line'].replace('|', '/')} |\n")

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from data.cli import UsageError
 from data.runlock import LockHeld, RunLock, identity
@@ -218,7 +217,8 @@ def test_rollback_then_full_disk_then_lock_and_damaged_resume(digits, tmp_path, 
     notes = [line for line in r.stdout.splitlines() if line.startswith("trainer:")]
     assert f"took over the lock of PID {holder.pid}" in notes[0] and "its process is gone" in notes[0]
     assert "step_00000008.tmp, an unfinished save" in notes[1]
-    assert f"{bad} is damaged: meta.json does not describe step 6" in notes[2] and "damaged checkpoint aside" in notes[3]
+    assert f"{bad} is damaged: meta.json does not describe step 6" in notes[2]
+    assert "damaged checkpoint aside" in notes[3]
     assert "resuming at step 4" in notes[4] and "step 6/6" in r.stdout
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == [
         "latest", "step_00000004", "step_00000006", "step_00000006.damaged"]
