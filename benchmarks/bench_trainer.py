@@ -417,7 +417,7 @@ def run_trainer(a: argparse.Namespace, ranks: int, zero: int, precision: str, da
     procs, logs = [], []
     t0 = time.perf_counter()
     for r in range(ranks):
-        log = open(work / f"trainer_r{ranks}_z{zero}_{precision}_{r}.log", "w+")
+        log = open(work / f"trainer_r{ranks}_z{zero}_{precision}{'_compiled' if compile else ''}_{r}.log", "w+")
         env = _env(thr, thp=a.thp) if ranks == 1 else _env(thr, r, ranks, port, thp=a.thp)
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)

@@ -246,6 +246,12 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(out: Path, res: dict[str, Any]) -> None:
+    from data.fsio import atomic_write_json, atomic_write_text
+    atomic_write_text(str(out), markdown(res))
+    atomic_write_json(str(out.with_suffix(".json")), res)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
@@ -256,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "command": "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)}
+    out = Path(a.out or f"benchmarks/results/gpu_check{'-dryrun' if a.dry_run else ''}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
     fns = {"tests": section_tests, "mfu": lambda s, w: section_mfu(s, w, peak), "ckpt": section_ckpt,
            "fp16": section_fp16, "sync": section_sync, "sampling": section_sampling}
     with tempfile.TemporaryDirectory() as work:
@@ -263,11 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in fns:
                 (Path(work) / name).mkdir()
                 res["sections"][name] = run_section(name, lambda n=name: fns[n](s, Path(work) / n))
-    res["total_seconds"] = time.perf_counter() - t0
-    out = Path(a.out or f"benchmarks/results/gpu_check{'-dryrun' if a.dry_run else ''}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(res))
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+                res["total_seconds"] = time.perf_counter() - t0
+                write(out, res)  # after every section: a run cut off by the time limit keeps what it measured
     print(out.read_text())
     return 0 if all(v["ok"] for v in res["sections"].values()) else 1
 

@@ -19,4 +19,5 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # One compile cache for every section and rerun (inductor's FX graph and autograd caches).
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/iddpm-inductor}
-exec timeout 900 "$PY" -m benchmarks.gpu_check "$@"
+# The whole check is cut off after GPU_CHECK_TIMEOUT seconds (default 900); results are written after every section.
+exec timeout "${GPU_CHECK_TIMEOUT:-900}" "$PY" -m benchmarks.gpu_check "$@"
