@@ -238,8 +238,8 @@ class Trainer:
             self.step_time_since_log += time.perf_counter() - t0
             nonfinite_run = nonfinite_run + 1 if nonfinite else 0
             if nonfinite_run >= cfg.optim.nonfinite_patience and self.rollbacks < cfg.optim.rollback \
-                    and self.ckpt.latest():
-                self.rollback(nonfinite_run)
+                    and (good := resume_point(cfg.run.run_dir, self._say)[0]):
+                self.rollback(good, nonfinite_run)
                 nonfinite_run = 0
                 continue
             if nonfinite_run >= cfg.optim.nonfinite_patience:
@@ -319,10 +319,11 @@ class Trainer:
                       f"then re-run the same command to resume", True)
             return False
 
-    def rollback(self, nonfinite_run: int) -> None:
-        """Collective: reload the last checkpoint (weights, optimizer, EMA, objective, RNG, step) but keep the data
-        stream where it is, so the batches that led to the divergence are skipped; scale the learning rate."""
-        cfg, folder, before = self.cfg, self.ckpt.latest(), self.step
+    def rollback(self, folder: str, nonfinite_run: int) -> None:
+        """Collective: reload the newest intact checkpoint `folder` (weights, optimizer, EMA, objective, RNG, step)
+        but keep the data stream where it is, so the batches that led to the divergence are skipped; scale the
+        learning rate (kept in DeepSpeed's optimizer and scheduler states from then on)."""
+        cfg, before = self.cfg, self.step
         self._load(folder)
         f = cfg.optim.rollback_lr_factor
         self.rollbacks += 1
