@@ -132,7 +132,8 @@ def main() -> None:
     os.makedirs(a.workdir, exist_ok=False)
     t0 = time.time()
     res = chaos(a.data, a.workdir, a.kills, a.seed)
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.node()}, {nproc} CPUs usable, "
             f"{platform.processor() or platform.machine()}", "command": " ".join(sys.argv),
             "wall_seconds": round(time.time() - t0, 1)}

@@ -180,7 +180,8 @@ def main() -> None:
                 rows.append(row)
     if cluster is not None:
         cluster.stop()
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout.strip()
     machine = f"{platform.node()}, {os.cpu_count()} CPUs ({nproc} usable), load {os.getloadavg()[0]:.1f}"
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine, "command": " ".join(sys.argv),
             "collective_timeout_s": a.collective_timeout}
