@@ -64,9 +64,9 @@ def rank_process(run_dir: str, rank: int) -> psutil.Process | None:
             cmd, env = " ".join(p.cmdline()), p.environ()
         except psutil.Error:
             continue
-        if ("trainer.main" in cmd or "trainer/main.py" in cmd) and "deepspeed.launcher" not in cmd \
-                and not cmd.startswith(os.path.join(BIN, "deepspeed")) and "mpiexec" not in cmd and "srun" not in cmd \
-                and any(env.get(v) == str(rank) for v in RANK_VARS) and "rank_env.sh" not in cmd:
+        prog = os.path.basename(p.cmdline()[0]) if p.cmdline() else ""
+        if prog.startswith("python") and ("trainer.main" in cmd or "trainer/main.py" in cmd) \
+                and "deepspeed.launcher" not in cmd and any(env.get(v) == str(rank) for v in RANK_VARS):
             return p
     return None
 
@@ -166,9 +166,11 @@ def main() -> None:
     a = ap.parse_args()
     rows, cluster = [], None
     if "srun" in a.launchers:
-        sys.path.insert(0, ROOT)
-        from tests.slurm_cluster import SlurmCluster
-        cluster = SlurmCluster()
+        import importlib.util  # tests/ is not a package; some dependency installs a `tests` package of its own
+        spec = importlib.util.spec_from_file_location("slurm_cluster", os.path.join(ROOT, "tests", "slurm_cluster.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cluster = mod.SlurmCluster()
         cluster.start()
     with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:  # srun jobs need a path both nodes see
         for launcher in a.launchers.split(","):
