@@ -63,12 +63,14 @@ def export(name: str, step: int) -> str:
     return out
 
 
-def bits_per_dim(name: str, step: int) -> dict:
-    """nll.json of the model's EMA weights at `step` on the first N_IMAGES held-out images (reused when present)."""
-    out = f"{RUNS}/eval/nll_{name}_{step}"
+def bits_per_dim(name: str, step: int, steps: int = 0) -> dict:
+    """nll.json of the model's EMA weights at `step` on the first N_IMAGES held-out images (reused when present);
+    steps T > 0: a VDM's T-step bound."""
+    out = f"{RUNS}/eval/nll_{name}_{step}" + (f"_T{steps}" if steps else "")
     if not os.path.isfile(f"{out}/nll.json"):
         run([sys.executable, "-m", "evaluations.nll", "--model", export(name, step), "--data", VAL, "--out-dir", out,
-             "--num-images", str(N_IMAGES), "--batch-size", "64", "--t-samples", str(T_SAMPLES), "--no-progress"])
+             "--num-images", str(N_IMAGES), "--batch-size", "64", "--t-samples", str(T_SAMPLES), "--no-progress",
+             *(["--respace", str(steps)] if steps else [])])
     return json.load(open(f"{out}/nll.json"))
 
 
@@ -193,6 +195,10 @@ def markdown(rep: dict) -> str:
                f"(decoder = L_0). The same images for every model; paired per-image differences:", "",
            "| comparison | steps | mean difference (bits/dim) ± s.e. |", "|---|---|---:|"]
     md += [f"| vdm - {o} | {s} | {d[0]:+.4f} ± {d[1]:.4f} |" for (o, s), d in rep["paired"].items()]
+    last = max(rep["bpd"]["vdm"], key=int)
+    md += ["", f"The same VDM ({last} steps) under the T-step bound (the model was trained in continuous time): " +
+           ", ".join(f"T = {T}: {r['bpd']:.4f} ± {r['bpd_stderr']:.4f}" for T, r in rep["vdm_discrete"].items()) +
+           f"; continuous time: {rep['bpd']['vdm'][last]['bpd']:.4f} bits/dim."]
     md += ["", "The vlb run was stopped at step 1003 (SIGTERM: checkpoint and exit 75) to free the CPU and later "
                "resumed to 1500 by re-running its command. The hybrid run is the shared one (2 ranks x 32 images).", "",
            f"## Variance of the loss estimate (trained VDM UNet, {v['samples']} samples: {N_IMAGES} images x "
@@ -227,6 +233,7 @@ def main(argv: list[str]) -> int:
                             if os.path.isdir(f"{MODELS[name]}/checkpoints/step_{s:08d}")}
     rep["paired"] = paired(rep)
     last = max(int(s) for s in rep["bpd"]["vdm"])
+    rep["vdm_discrete"] = {str(T): bits_per_dim("vdm", last, T) for T in (10, 100, 1000)}
     cache = f"{RUNS}/eval/variance_{last}.json"                   # reused when present
     rep["variance"] = json.load(open(cache)) if os.path.isfile(cache) else estimator_variance(export("vdm", last))
     rep["variance"]["step"] = last
