@@ -122,9 +122,22 @@ class Trainer:
             stream = TrainStream(d.source, self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.run.seed,
                                  num_workers=d.workers, flip=d.flip, state=state, max_bad_fraction=d.max_bad_fraction,
                                  image_size=d.image_size, resize=d.resize)
-            return stream, iter(stream)
         except DataError as e:
             raise UsageError(f"--data {d.source}: {e}") from None
+        self._check_image_size(tuple(stream.spec.shape))
+        return stream, iter(stream)
+
+    def _check_image_size(self, shape: tuple[int, ...]) -> None:
+        """The built-in objective's UNet side must be the data's (a convolutional UNet would train on any size and
+        be exported with the wrong one)."""
+        if self.cfg.objective.name != "iddpm":
+            return
+        from trainer.iddpm import model_config_dict
+        side = model_config_dict(self.cfg)["image_size"]
+        if shape != (side, side):
+            raise UsageError(f"--data {self.cfg.data.source} holds {shape[0]}x{shape[1]} images but the model is "
+                             f"{side} px; pass --data-image-size {side} to resize them when read, or --image-size "
+                             f"{shape[0]} for a model of their size")
 
     def _make_engine(self, model: torch.nn.Module):
         cfg = self.cfg
