@@ -233,3 +233,12 @@ def test_low_discrepancy_times_fourier_features_and_parameter_count() -> None:
     extra = count_params(wide) - count_params(plain) - count_params(wide["schedule"])
     assert extra == 4 * 16 * 9                                # the input conv sees 1 + 4 channels instead of 1
     assert wide(torch.zeros(2, 1, 8, 8), torch.rand(2), torch.randn(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_fourier_option_bad_input_is_one_usage_error() -> None:
+    from data.cli import UsageError
+    from trainer.vdm import parse_fourier
+    assert parse_fourier("6, 7") == (6, 7) and parse_fourier("") == ()
+    for bad in ("abc", "6;7", "40"):
+        with pytest.raises(UsageError, match=r"--fourier"):
+            parse_fourier(bad)
