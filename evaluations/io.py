@@ -32,6 +32,10 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
         raise UsageError(f"--model {path}: no such file (export one with python -m trainer.export RUN_DIR)")
     if _export_kind(path) == "encoder_classifier":
         raise UsageError(f"--model {path} is a classifier, not a diffusion model; pass it as --classifier")
+    from evaluations.vdm_nll import is_vdm
+    if is_vdm(path):  # a VDMNet (trainer.vdm): bits/dim through evaluations.nll, samples via diffusion.vdm.sample
+        raise UsageError(f"--model {path} is a Variational Diffusion Model: only evaluations.nll takes it so far "
+                         f"(sample from Python with diffusion.vdm.sample)")
     try:
         model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
