@@ -84,3 +84,4 @@ def test_dead_rank_and_hung_rank_end_the_job_with_one_line(digits, tmp_path, ran
     hung = time.time() - t0
     text = open(f"{log}b.0").read()
     assert "no progress for 8 s (--collective-timeout): a rank hung or died" in text and 8 <= hung < 30, (hung, text)
+    assert "ended the hung rank(s) 1 on" in text and r1.wait(timeout=10) == -signal.SIGKILL  # not left stopped

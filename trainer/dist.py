@@ -112,6 +112,21 @@ def is_comm_failure(e: BaseException) -> bool:
                             "nccl", "timed out", "timeout", "socket", "peer"))
 
 
+def end_hung_peers(rank: int) -> list[int]:
+    """After a timeout: SIGKILL the other ranks of this job still running on this host (hung or stopped: they would
+    keep the job alive, e.g. under srun --kill-on-bad-exit=0). Ranks on other hosts are left to their launcher."""
+    import signal
+    here, ended = socket.gethostname(), []
+    for r, p in enumerate(PEERS):
+        if r != rank and p["host"] == here and process_alive(p["pid"], p["start"]):
+            try:
+                os.kill(p["pid"], signal.SIGKILL)
+                ended.append(r)
+            except OSError:
+                pass
+    return ended
+
+
 def lost_rank_message(rank: int, step: int, error: BaseException, timeout_s: float) -> str:
     """One line: which rank(s) died (their process is gone on this host) or that a collective hung."""
     here = socket.gethostname()
@@ -124,6 +139,9 @@ def lost_rank_message(rank: int, step: int, error: BaseException, timeout_s: flo
         what = f"{who} died"
     elif isinstance(error, TimeoutError) or "timed out" in first.lower() or "timeout" in first.lower():
         what = f"a collective made no progress for {timeout_s:.0f} s (--collective-timeout): a rank hung or died"
+        hung = end_hung_peers(rank)
+        if hung:
+            what += f"; ended the hung rank(s) {', '.join(map(str, hung))} on {here}"
     else:
         what = "a rank died or hung"
     if not gone and remote:
