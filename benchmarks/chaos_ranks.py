@@ -193,7 +193,7 @@ def main() -> None:
         f.write(f"# Time from a rank's death or hang to the end of the job\n\n{meta['date']}; {machine}; "
                 f"`{meta['command']}`; --collective-timeout {a.collective_timeout:g} s. tiny16 on CPU (gloo); the "
                 f"victim is hit after rank 0 logged step 3; the time is until every process of the job has exited "
-                f"(a stopped victim is killed only after that, by this script).\n\n"
+                f"(the stopped victim itself is not waited for; the script kills whatever is left after the measurement).\n\n"
                 "| launcher | ranks | case | s to end | exit code(s) | the trainer's line |\n"
                 "|---|---|---|---|---|---|\n")
         for r in rows:
