@@ -172,16 +172,18 @@ def main() -> None:
         spec.loader.exec_module(mod)
         cluster = mod.SlurmCluster()
         cluster.start()
-    with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:  # srun jobs need a path both nodes see
-        for launcher in a.launchers.split(","):
-            for world, how in ((1, "kill"), (2, "kill"), (2, "stop")):
-                if world == 1 and how == "stop":
-                    continue
-                row = trial(launcher, world, how, a.data, tmp, a.collective_timeout, cluster)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    if cluster is not None:
-        cluster.stop()
+    try:
+        with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:  # srun jobs: a path both nodes see
+            for launcher in a.launchers.split(","):
+                for world, how in ((1, "kill"), (2, "kill"), (2, "stop")):
+                    if world == 1 and how == "stop":
+                        continue
+                    row = trial(launcher, world, how, a.data, tmp, a.collective_timeout, cluster)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        if cluster is not None:
+            cluster.stop()
     nproc = subprocess.run(["nproc"], capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout.strip()
     machine = f"{platform.node()}, {os.cpu_count()} CPUs ({nproc} usable), load {os.getloadavg()[0]:.1f}"
