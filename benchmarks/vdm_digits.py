@@ -40,7 +40,8 @@ VLB_ARGS = ["--recipe", "digits-demo", "--data", DATA, "--num-classes", "0", "--
             "--sample-guidance", "0", "--total-steps", "1500", "--save-every", "500", "--loss", "vlb"]
 TRAIN = {"vdm": VDM_ARGS, "iddpm_vlb": VLB_ARGS}
 MODELS = {"vdm": f"{RUNS}/vdm_learned", "iddpm_vlb": f"{RUNS}/iddpm_vlb", "iddpm_hybrid": f"{SHARED}/uncond16"}
-STEPS, N_IMAGES, T_SAMPLES, DRAWS = (1000, 1500), 32, 16, 32
+STEPS, N_IMAGES, T_SAMPLES, DRAWS = (1000, 1500), 64, 16, 32
+EVAL = f"{RUNS}/eval_n{N_IMAGES}"                        # exports, nll reports, variance cache
 
 
 def train_cmd(name: str) -> list[str]:
@@ -56,7 +57,7 @@ def run(cmd: list[str]) -> str:
 
 
 def export(name: str, step: int) -> str:
-    out = f"{RUNS}/eval/{name}_{step}.safetensors"
+    out = f"{EVAL}/{name}_{step}.safetensors"
     if not os.path.isfile(out):
         ckpt = f"{MODELS[name]}/checkpoints/step_{step:08d}"
         run([sys.executable, "-m", "trainer.export", ckpt, "--ema", "0.995", "--out", out])
@@ -66,7 +67,7 @@ def export(name: str, step: int) -> str:
 def bits_per_dim(name: str, step: int, steps: int = 0) -> dict:
     """nll.json of the model's EMA weights at `step` on the first N_IMAGES held-out images (reused when present);
     steps T > 0: a VDM's T-step bound."""
-    out = f"{RUNS}/eval/nll_{name}_{step}" + (f"_T{steps}" if steps else "")
+    out = f"{EVAL}/nll_{name}_{step}" + (f"_T{steps}" if steps else "")
     if not os.path.isfile(f"{out}/nll.json"):
         run([sys.executable, "-m", "evaluations.nll", "--model", export(name, step), "--data", VAL, "--out-dir", out,
              "--num-images", str(N_IMAGES), "--batch-size", "64", "--t-samples", str(T_SAMPLES), "--no-progress",
@@ -128,7 +129,7 @@ def paired(rep: dict) -> dict:
         for s in rep["bpd"].get(name, {}):
             if name == "vdm" or s not in rep["bpd"]["vdm"]:
                 continue
-            a, b = (np.load(f"{RUNS}/eval/nll_{m}_{s}/per_image.npz") for m in ("vdm", name))
+            a, b = (np.load(f"{EVAL}/nll_{m}_{s}/per_image.npz") for m in ("vdm", name))
             if not np.array_equal(a["index"], b["index"]):
                 raise SystemExit(f"vdm and {name} at step {s} were evaluated on different images")
             d = a["total_bpd"] - b["total_bpd"]
@@ -234,7 +235,7 @@ def main(argv: list[str]) -> int:
     rep["paired"] = paired(rep)
     last = max(int(s) for s in rep["bpd"]["vdm"])
     rep["vdm_discrete"] = {str(T): bits_per_dim("vdm", last, T) for T in (10, 100, 1000)}
-    cache = f"{RUNS}/eval/variance_{last}.json"                   # reused when present
+    cache = f"{EVAL}/variance_{last}.json"                   # reused when present
     rep["variance"] = json.load(open(cache)) if os.path.isfile(cache) else estimator_variance(export("vdm", last))
     rep["variance"]["step"] = last
     from data.fsio import atomic_write_json, atomic_write_text
