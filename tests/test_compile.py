@@ -70,6 +70,27 @@ def test_inductor_forward_equals_eager():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.gpu
+def test_cuda_compiled_bf16_channels_last_close_to_fp32():
+    """On CUDA: InferenceNet compiled, bf16 autocast, channels_last (the default there) stays within bf16 rounding
+    of the fp32 eager model, returns fp32, and compiled fp32 equals eager fp32 within fp32 rounding (TF32 off)."""
+    from trainer.compile import InferenceNet
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    m = small_model().eval().to(dev)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 3, 8, 8, generator=g).to(dev), torch.tensor([0, 10, 50, 99], device=dev), \
+        torch.tensor([0, 1, 2, 3], device=dev)
+    with torch.no_grad():
+        ref = m(x, t, y)
+        fast = InferenceNet(m, dev, compile=True, precision="bf16")
+        out = fast(x, t, y=y)
+        exact = InferenceNet(m, dev, compile=True)(x, t, y=y)
+    assert fast.channels_last and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 def engine_losses(stage: int, compiled: bool, steps: int = 3) -> tuple[list[float], torch.Tensor]:
     """`steps` AdamW steps of SMALL under a DeepSpeed engine (the trainer's generated config for ZeRO `stage`);
     returns the losses and the final flat fp32 parameters."""
