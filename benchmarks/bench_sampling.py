@@ -15,7 +15,8 @@ before the timer); `diffusers` = UNet2DModel.from_pretrained + DDPMScheduler (le
 DDIMScheduler from the same config, the loop diffusers' pipelines run (`scheduler.step` per timestep, guidance as
 one batched forward of [x; x] with labels [y; null], guided epsilon (1 + w) eps_c - w eps_u, the learned variance
 from the conditional half), timed from x_T to uint8 images. Weights are random (speed does not depend on them):
-the preset is built, every parameter drawn from N(0, 0.02^2), exported, and converted to a diffusers folder.
+the preset is built, every parameter drawn from N(0, 0.02^2), exported, and converted to a diffusers folder
+(presets with a fixed head count, e.g. 30M, get 64-channel heads: UNet2DModel has one head width).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def make_weights(preset: str, work: Path, image_size: int | None = None) -> tupl
     cfg = get_config(preset) if image_size is None else get_config(preset, image_size=image_size)
     if cfg.num_classes is None:
         cfg = cfg.replace(num_classes=10)
+    if cfg.num_head_channels <= 0:  # UNet2DModel has one head width: the paper's 4 heads become 64-channel heads
+        cfg = cfg.replace(num_head_channels=64)
     torch.manual_seed(0)
     m = cfg.build()
     with torch.no_grad():

@@ -129,6 +129,8 @@ def section_tests(s: dict[str, Any], work: Path) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
+    if r.returncode not in (0, 5):  # 5: no test selected (no gpu test collected)
+        raise RuntimeError(f"pytest -m gpu exit {r.returncode}: {tail[0]}")
     return {"returncode": r.returncode, "summary": tail[0]}
 
 
