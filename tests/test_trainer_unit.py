@@ -234,6 +234,23 @@ def test_help_is_grouped_by_section() -> None:
     assert "--model-size {30M,70M,120M,270M,tiny16,tiny32}" in text and "frozen on resume" in text
 
 
+def test_a_subclass_sharing_its_parents_options_shares_its_section() -> None:
+    """A plugin subclassing a built-in objective (same Options class) neither breaks --help nor its own flags."""
+    from trainer.config import build_parser, parse_config
+    from trainer.iddpm import ImprovedDDPM
+    from trainer.objective import OBJECTIVES, register_objective
+    register_objective("test-iddpm-subclass")(type("IddpmSubclass", (ImprovedDDPM,), {}))
+    try:
+        assert build_parser().format_help().count("\n  --timestep-sampler") == 1
+        c = parse_config(["--data", "x.tar", "--run-dir", "r", "--objective", "test-iddpm-subclass",
+                          "--timestep-sampler", "uniform"])
+        assert c.objective.name == "test-iddpm-subclass" and c.objective.options.timestep_sampler == "uniform"
+        assert parse_config(["--data", "x.tar", "--run-dir", "r", "--timestep-sampler", "uniform"]
+                            ).objective.options.timestep_sampler == "uniform"
+    finally:
+        del OBJECTIVES["test-iddpm-subclass"]
+
+
 def test_cli_missing_dataset_one_line_exit_2(tmp_path) -> None:
     """The real command line: a missing data set is one line on stderr and exit code 2."""
     r = subprocess.run([sys.executable, "-m", "trainer.main", "--data", "/nonexistent/shards-{000000..000003}.tar",

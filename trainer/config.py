@@ -235,12 +235,15 @@ def _objective_name(given: str | None, cfile: dict[str, Any], recipe: dict[str, 
 
 def objective_sections(given: dict[str, type] | None = None) -> dict[str, type]:
     """Name -> Options dataclass of every objective whose settings get a --help section: the registered ones,
-    plus `given` (an objective imported by path appears once, under the name it was given by)."""
+    plus `given` (an objective imported by path appears once, under the name it was given by). Objectives that share
+    one Options class (a plugin subclassing a built-in) share the first one's section."""
     from trainer.objective import OBJECTIVES, load_builtin_objectives
     load_builtin_objectives()
     given = given or {}
-    sections = {k: v.Options for k, v in OBJECTIVES.items() if v.Options is not None and v.Options not in
-                given.values()}
+    sections: dict[str, type] = {}
+    for k, v in OBJECTIVES.items():  # a subclass sharing its parent's Options gets no second section
+        if v.Options is not None and v.Options not in given.values() and v.Options not in sections.values():
+            sections[k] = v.Options
     return {**sections, **given}
 
 
