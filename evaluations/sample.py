@@ -227,13 +227,15 @@ def _finished(out: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     return done if done.get("settings") == settings else None
 
 
-def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks) -> RunLock | None:
-    """Rank 0 takes `parts`.lock (one sampler per parts folder: data.runlock), creates `parts`/settings.json or
-    checks the one there; every rank must see it (shared disk). Returns rank 0's lock (release it when done)."""
+def _claim_parts(parts: str, settings: dict[str, Any], ranks: dist.Ranks, force: bool = False) -> RunLock | None:
+    """Rank 0 takes `parts`.lock (one sampler per parts folder: data.runlock; `force`: whoever holds it), creates
+    `parts`/settings.json or checks the one there; every rank must see it (shared disk). Returns rank 0's lock
+    (release it when done)."""
     problem, lock = None, None
     if ranks.is_main:
         try:
-            lock = RunLock(parts.rstrip("/") + ".lock", what=f"the sampling parts folder {parts}").acquire()
+            lock = RunLock(parts.rstrip("/") + ".lock", what=f"the sampling parts folder {parts}",
+                           force=force).acquire()
         except LockHeld as e:
             problem = str(e)
     if ranks.is_main and problem is None:
@@ -327,7 +329,8 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
            labels: str | np.ndarray | None = None, class_label: int | None = None, seed: int = 0,
            clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
            parts_dir: str | None = None, reuse: str | None = None, classifier: str | None = None,
-           classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32") -> Samples | None:
+           classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32",
+           force_unlock: bool = False) -> Samples | None:
     """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
 
     respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
@@ -360,7 +363,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
         arrays = load_npz(reuse)
         return Samples(arrays["arr_0"], arrays.get("arr_1"),
                        {**done, "sampled_this_run": 0, "images_per_second": None}, reused=True)
-    lock = _claim_parts(parts_dir, job.settings, ranks) if parts_dir is not None else None
+    lock = _claim_parts(parts_dir, job.settings, ranks, force_unlock) if parts_dir is not None else None
     n, bs = num_samples, batch_size
     mine = list(range(ranks.rank, (n + bs - 1) // bs, ranks.world))
     todo = [b for b in mine if parts_dir is None or _read_part(_part(parts_dir, b), min(bs, n - b * bs)) is None]
@@ -419,6 +422,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--classifier-scale", type=float, default=None,
                    help="classifier guidance scale s (default 1 with --classifier; 0 = unguided)")
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take OUT.parts.lock even if another sampler seems to hold it (its process is dead on another "
+                        "host); a holder that is gone on this host or silent for long is taken over without it")
     add_speed_flags(p)
     return p
 
@@ -436,7 +442,7 @@ def _main(argv: list[str] | None) -> int:
                    clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, parts_dir=parts,
                    reuse=None if os.path.isdir(parts) else a.out, classifier=a.classifier,
                    classifier_scale=1.0 if a.classifier_scale is None else a.classifier_scale, compile=a.compile,
-                   precision=a.precision)
+                   precision=a.precision, force_unlock=a.force_unlock)
     finally:
         dist.shutdown()
     if s is None:

@@ -227,7 +227,7 @@ def test_rollback_then_full_disk_then_lock_and_damaged_resume(digits, tmp_path, 
 
 def test_sampling_parts_folder_has_one_writer(tmp_path) -> None:
     """evaluations.sample's OUT.parts/ is claimed under OUT.parts.lock: a live holder is named, a dead one's lock
-    is taken over, and the lock is released by the claimant."""
+    is taken over (a live one with --force-unlock), and the lock is released by the claimant."""
     from evaluations.dist import Ranks
     from evaluations.sample import _claim_parts
     parts, ranks = str(tmp_path / "out.npz.parts"), Ranks(0, 0, 1)
@@ -245,6 +245,18 @@ def test_sampling_parts_folder_has_one_writer(tmp_path) -> None:
     assert "its process is gone" in lock.notes[0] and os.path.isfile(os.path.join(parts, "settings.json"))
     lock.release()
     assert not os.path.exists(parts + ".lock")
+    holder = subprocess.Popen(holder.args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        forced = _claim_parts(parts, {"n": 1}, ranks, force=True)  # --force-unlock: taken from a live holder
+        assert "--force-unlock" in forced.notes[0]
+        forced.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = subprocess.run([sys.executable, "-m", "evaluations.sample", "--help"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert "--force-unlock" in r.stdout
 
 
 def test_absurd_or_foreign_model_json_is_refused_before_allocation(tmp_path) -> None:
