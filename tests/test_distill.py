@@ -187,6 +187,7 @@ def test_one_round_halves_steps_and_lowers_the_two_step_loss(setup):
     (["--teacher-steps", "8", "--final-steps", "3"], None, "--final-steps 3: must be a power of two"),
     (["--teacher-steps", "8"], "missing.safetensors", "no such file"),
     (["--teacher-steps", "8"], "teacher8", "trained on 8 px images but the data are 16 px"),
+    (["--teacher-steps", "8", "--", "--data-image-size", "8"], None, "trained on 16 px images but the data are 8 px"),
 ])
 def test_bad_input_is_one_line_exit_2(setup, capsys, extra, teacher, message):
     from trainer.distill.__main__ import main
@@ -198,6 +199,16 @@ def test_bad_input_is_one_line_exit_2(setup, capsys, extra, teacher, message):
         main(_distill(setup, *extra, teacher=teacher))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_objective_checks_the_teacher_against_the_read_time_resize(setup):
+    from trainer.config import parse_config
+    from trainer.objective import get_objective
+    cfg = parse_config(["--objective", "distill", "--teacher", setup["teacher"], "--teacher-steps", "4",
+                        "--data", setup["data"], "--run-dir", "unused", "--data-image-size", "8"])
+    from data.cli import UsageError
+    with pytest.raises(UsageError, match="trained on 16 px images but the data are 8 px"):
+        get_objective("distill")(cfg)
 
 
 def test_round_plan_and_the_cluster_job_refuses_a_missing_teacher():

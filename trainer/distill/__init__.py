@@ -114,7 +114,7 @@ class Distill(Objective):
         self.teacher, dkw, meta = load_teacher(o.teacher)
         self.model_cfg = dict(meta["model"])
         check_plan(dkw, self.model_cfg, o.teacher_steps, o.substeps, o.teacher_guidance,
-                   data_image_size(cfg.data.source) if cfg.data.source else None)
+                   cfg.data.image_size or (data_image_size(cfg.data.source) if cfg.data.source else None))
         self.num_classes = int(self.model_cfg.get("num_classes") or 0)
         self.teacher_diffusion: GaussianDiffusion = create_diffusion(**{**dkw, "timestep_respacing": "",
                                                                         "distilled_steps": o.teacher_steps})

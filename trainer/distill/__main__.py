@@ -106,7 +106,10 @@ def _main(argv: list[str] | None) -> int:
                          f"{a.teacher_steps}")
     if a.steps_per_round < 1 or (a.convert_steps is not None and a.convert_steps < 1):
         raise UsageError("--steps-per-round / --convert-steps must be positive")
-    check_plan(dkw, meta["model"], a.teacher_steps, 2, a.teacher_guidance, data_image_size(a.data))
+    pre = ArgumentParser(add_help=False)  # a read-time resize passed on to the rounds decides the image side
+    pre.add_argument("--data-image-size", type=int)
+    size = pre.parse_known_args(extra)[0].data_image_size or data_image_size(a.data)
+    check_plan(dkw, meta["model"], a.teacher_steps, 2, a.teacher_guidance, size)
     convert = a.convert if a.convert is not None else dkw.get("model_mean_type") != "v"
     teacher, records = os.path.abspath(a.teacher), []
     for i, (n, r) in enumerate(plan_rounds(a.teacher_steps, a.final_steps, convert)):
