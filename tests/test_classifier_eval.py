@@ -95,6 +95,35 @@ def test_sweep_guidance_table_and_plot(files, tmp_path) -> None:
     assert _main("evaluations.sweep_guidance", [*argv[:-1], "--classifier-scales", "-1"]) == 2
 
 
+def test_sweep_guidance_grid_of_both_guidances_on_a_conditional_model(files, tmp_path) -> None:
+    """A class-conditional model: the grid classifier scale x classifier-free scale, one row per point; at w = s = 0
+    the samples equal plain evaluations.sample's, and classifier-free guidance changes them."""
+    from evaluations.sample import sample
+    from evaluations.sweep_guidance import main
+    from trainer.export import save_exported
+    torch.manual_seed(1)
+    cfg = get_config("tiny16", num_classes=2)
+    unet = cfg.build()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = str(tmp_path / "cond.safetensors")
+    save_exported(model, unet.state_dict(), cfg.to_dict(), DIFF, step=0, ema="model")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(1).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "sweep"
+    assert main(["--model", model, "--classifier", files["clf"], "--judge", files["clf"], "--reference", str(ref),
+                 "--classifier-scales", "0,2", "--guidance-scales", "0,3", "--num-samples", "4", "--batch-size", "4",
+                 "--ddim", "2", "--out-dir", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "sweep_guidance.json").read_text())["rows"]
+    assert [(r["classifier_scale"], r["guidance_scale"]) for r in rows] == [(0, 0), (2, 0), (0, 3), (2, 3)]
+    assert all(np.isfinite(r["fid"]) and 0 <= r["recall"] <= 1 for r in rows)
+    images = {f: np.load(out / "samples" / f)["arr_0"] for f in ("clf0_cfg0_ddim.npz", "clf0_cfg3_ddim.npz")}
+    plain = sample(model, 4, batch_size=4, ddim=2, labels=np.arange(4) % 2, progress=False, device="cpu")
+    assert np.array_equal(images["clf0_cfg0_ddim.npz"], plain.images)
+    assert not np.array_equal(images["clf0_cfg3_ddim.npz"], plain.images)
+
+
 def test_sweep_guidance_bad_input(files, tmp_path, capsys) -> None:
     def main(argv: list[str]) -> int:
         return _main("evaluations.sweep_guidance", argv)
