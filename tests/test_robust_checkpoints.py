@@ -225,6 +225,29 @@ def test_rollback_then_full_disk_then_lock_and_damaged_resume(digits, tmp_path, 
     assert checkpoint_main(["verify", copy]) == 0
 
 
+@pytest.mark.slow
+def test_a_snapshot_that_cannot_be_written_stops_the_run_and_is_written_on_resume(digits, tmp_path) -> None:
+    """RUN_DIR/phema and RUN_DIR/samples blocked by plain files: the preview grids only warn, the post-hoc EMA
+    snapshot of step 2 stops the run (exit 74, one line) before the checkpoint of step 2, so the resume redoes
+    steps 1-2 and writes the snapshot."""
+    from trainer.phema import snapshot_path
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    for name in ("phema", "samples"):
+        open(os.path.join(run, name), "w").close()
+    args = ["--data", digits, "--run-dir", run, "--total-steps", "2", "--save-every", "2", "--sample-every", "1",
+            "--phema", "0.1"]
+    r = train(args)
+    err = [line for line in r.stderr.splitlines() if line.startswith("trainer:")]
+    assert r.returncode == 74, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "warning: preview grid" in err[0] and "training goes on" in err[0], err
+    assert "post-hoc EMA snapshot of step 2 not written" in err[1] and "free space on" in err[1] and len(err) == 2
+    assert not os.path.exists(os.path.join(run, "checkpoints", "latest"))
+    os.remove(os.path.join(run, "phema"))
+    r = train(args)
+    assert r.returncode == 0 and os.path.isfile(snapshot_path(run, 2)), r.stdout[-2000:] + r.stderr[-3000:]
+
+
 def test_sampling_parts_folder_has_one_writer(tmp_path) -> None:
     """evaluations.sample's OUT.parts/ is claimed under OUT.parts.lock: a live holder is named, a dead one's lock
     is taken over (a live one with --force-unlock), and the lock is released by the claimant."""

@@ -29,7 +29,7 @@ from data.fsio import atomic_write_json
 from data.seeds import derive_seed
 from data.stream import TrainStream
 from trainer import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_RANK_LOST, EXIT_SAVE_FAILED
-from trainer.checkpoint import Checkpointer, SaveError, read_json, resume_point, set_aside
+from trainer.checkpoint import Checkpointer, SaveError, is_write_failure, read_json, resume_point, set_aside
 from trainer.config import TrainConfig, batch_layout, deepspeed_config, frozen_changes
 from trainer.dist import Launch, Watchdog, init
 from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
@@ -264,13 +264,14 @@ class Trainer:
                 self.log()
             self.watchdog.beat()
             t_aside = time.perf_counter()  # checkpoints and grids are not training throughput
+            # The snapshot goes first: when it cannot be written, the run resumes before this step and writes it.
+            if self._snapshot_due(preempted) and not self.snapshot_or_fail():
+                return EXIT_SAVE_FAILED
             if (self.step % cfg.checkpoint.save_every == 0 or self.step == cfg.optim.total_steps or preempted) \
                     and nonfinite_run == 0 and not self.save_or_fail():
                 return EXIT_SAVE_FAILED
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and self.step != cfg.optim.total_steps:
                 self.preview()
-            if self._snapshot_due(preempted):
-                self.snapshot()
             self.t_log += time.perf_counter() - t_aside
             self.watchdog.beat()
             if preempted:
@@ -374,16 +375,33 @@ class Trainer:
             return self.step % self.cfg.checkpoint.save_every == 0
         return self.step * o.global_batch // o.phema_every > (self.step - 1) * o.global_batch // o.phema_every
 
-    def snapshot(self) -> None:
-        """Collective: the power-function EMAs, assembled on rank 0, written as one fp16/bf16 snapshot file."""
+    def snapshot_or_fail(self) -> bool:
+        """Collective: the power-function EMAs, assembled on rank 0, written as one fp16/bf16 snapshot file. False
+        on every rank (after one line with the path and the free space) when rank 0 could not write it: a missing
+        snapshot is a hole in the post-hoc EMA reconstruction, so training stops like on a failed checkpoint."""
         buffers = {k: b.cpu() for k, b in self.engine.module.named_buffers()}
         states = {s: self.ema.full_state_dict(PHEMA_PREFIX + s) for s in self.cfg.phema_sigmas()}
+        failed = torch.zeros(1, device=self.device)
         if self.rank == 0:
-            nbytes = write_snapshot(self.cfg.run.run_dir, self.step, {s: {**w, **buffers} for s, w in states.items()},
-                                    DTYPES[self.cfg.optim.phema_dtype])
-            self.writer.add_scalar("phema/snapshot_mb", nbytes / 2**20, self.step)
-            print(f"trainer: post-hoc EMA snapshot at step {self.step}: {nbytes / 2**20:.1f} MiB "
-                  f"({self.cfg.optim.phema_dtype}, sigma_rel {self.cfg.optim.phema})", flush=True)
+            try:
+                nbytes = write_snapshot(self.cfg.run.run_dir, self.step,
+                                        {s: {**w, **buffers} for s, w in states.items()},
+                                        DTYPES[self.cfg.optim.phema_dtype])
+                self.writer.add_scalar("phema/snapshot_mb", nbytes / 2**20, self.step)
+                print(f"trainer: post-hoc EMA snapshot at step {self.step}: {nbytes / 2**20:.1f} MiB "
+                      f"({self.cfg.optim.phema_dtype}, sigma_rel {self.cfg.optim.phema})", flush=True)
+            except Exception as e:
+                if not is_write_failure(e):
+                    raise
+                where = os.path.join(self.cfg.run.run_dir, "phema")
+                free = shutil.disk_usage(self.cfg.run.run_dir).free / 2**20
+                self._say(f"post-hoc EMA snapshot of step {self.step} not written to {where} ({e}); free space on "
+                          f"{self.cfg.run.run_dir}: {free:.1f} MiB; the latest checkpoint stays {self.ckpt.latest()};"
+                          f" stopping (exit {EXIT_SAVE_FAILED}): free space or fix the permission, then re-run the "
+                          f"same command to resume", True)
+                failed.fill_(1)
+        dist.broadcast(failed, 0)
+        return failed.item() == 0
 
     def preview(self) -> None:
         """Collective: the objective's preview grid from each classic EMA (assembled on rank 0), PNG and
@@ -401,8 +419,13 @@ class Trainer:
                 if out is None:
                     break
                 path = os.path.join(self.cfg.run.run_dir, "samples", f"ema{r}_step{self.step:08d}.png")
-                self.writer.add_image(f"samples/ema_{r}", save_grid(out[0], path, out[1]), self.step,
-                                      dataformats="HWC")
+                try:
+                    grid = save_grid(out[0], path, out[1])
+                except OSError as e:  # a preview is not worth stopping for: say so and train on
+                    self._say(f"warning: preview grid {path} not written ({e.strerror or e}); training goes on",
+                              True)
+                    break
+                self.writer.add_image(f"samples/ema_{r}", grid, self.step, dataformats="HWC")
             self.writer.flush()
         dist.barrier()
 
