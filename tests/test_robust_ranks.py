@@ -50,7 +50,8 @@ def free_port() -> int:
 
 def start(args: list[str], log: str, started: list, port: int, **extra_env: str) -> list[subprocess.Popen]:
     for r in range(2):
-        env = dict(ENV, **extra_env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(ENV, **extra_env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
         started.append(subprocess.Popen([sys.executable, "-m", "trainer.main", *args], cwd=ROOT, env=env,
                                         stdout=open(f"{log}.{r}", "w"), stderr=subprocess.STDOUT))
     return started[-2:]
