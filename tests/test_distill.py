@@ -223,10 +223,12 @@ def test_later_round_teacher_takes_w_unguided(tmp_path):
 
 def test_sampling_a_guidance_embed_export_one_forward_per_step(tmp_path, monkeypatch, capsys):
     """evaluations.sample --guidance-scale W feeds w to the model: different W, different images; one forward of
-    the batch per step; without a scale: one line, exit 2."""
+    the batch per step, with classifier guidance too; without a scale: one line, exit 2."""
     import numpy as np
+    from diffusion.classifier import ClassifierConfig
     from diffusion.unet import UNetModel
     from evaluations.sample import main as sample_main
+    from trainer.export import save_exported
     torch.manual_seed(0)
     path = str(tmp_path / "student.safetensors")
     _cond_export(path, image_size=8, embed=True, steps=2, wrange=[0.0, 4.0])
@@ -237,23 +239,34 @@ def test_sampling_a_guidance_embed_export_one_forward_per_step(tmp_path, monkeyp
         calls.append((x.shape[0], None if kw.get("w") is None else kw["w"].tolist()))
         return forward(self, x, t, y, **kw)
     monkeypatch.setattr(UNetModel, "forward", counting)
+    clf_cfg = ClassifierConfig(image_size=8, model_channels=8, num_res_blocks=1, attention_resolutions=(),
+                               channel_mult=(1, 2), num_classes=3, num_head_channels=8, num_groups=4, pool="adaptive")
+    clf = str(tmp_path / "clf.safetensors")
+    save_exported(clf, perturbed(clf_cfg.build()).state_dict(), clf_cfg.to_dict(),
+                  {"steps": 64, "noise_schedule": "cosine"}, step=0, ema="model")
     images = {}
-    for w in (0.0, 3.0):
+    for name, w, extra in (("w0", 0.0, []), ("w3", 3.0, []),
+                           ("w3+classifier", 3.0, ["--classifier", clf, "--classifier-scale", "5"])):
         calls.clear()
-        out = str(tmp_path / f"w{w}.npz")
-        assert sample_main(["--model", path, "--num-samples", "4", "--batch-size", "4", "--ddim", "2",
+        out = str(tmp_path / f"{name}.npz")
+        assert sample_main(["--model", path, "--num-samples", "4", "--batch-size", "4", "--ddim", "2", *extra,
                             "--guidance-scale", str(w), "--out", out, "--no-progress", "--device", "cpu"]) == 0
         assert calls == [(4, [w] * 4)] * 2  # 2 DDIM steps, one forward of the 4 images each
-        images[w] = np.load(out)["arr_0"]
+        images[name] = np.load(out)["arr_0"]
         with open(out[:-4] + ".json") as f:
             assert json.load(f)["model_steps_per_image"] == 2
-    assert images[0.0].shape == (4, 8, 8, 3) and not np.array_equal(images[0.0], images[3.0])
+    assert images["w0"].shape == (4, 8, 8, 3) and not np.array_equal(images["w0"], images["w3"])
+    assert not np.array_equal(images["w3"], images["w3+classifier"])  # classifier guidance composes
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample_main(["--model", path, "--num-samples", "4", "--ddim", "2", "--out", str(tmp_path / "x.npz"),
                      "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "pass --guidance-scale W (it learned 0 to 4)" in err[0], err
+    from data.cli import UsageError
+    from evaluations.nll import nll
+    with pytest.raises(UsageError, match="guidance-distilled"):
+        nll(path, "unused", device="cpu", progress=False)
 
 
 # ------------------------------------------------------------------------------------------- real rounds
@@ -346,14 +359,14 @@ def test_one_round_halves_steps_and_lowers_the_two_step_loss(setup):
 
 
 @pytest.mark.slow
-def test_one_round_at_sampled_guidance_scales(setup):
-    """A real round with --teacher-guidance-range: the two-step loss falls, the export is a guidance_embed student
-    that records its range, and it samples at a scale of the range."""
+def test_two_rounds_at_sampled_guidance_scales(setup):
+    """Two real rounds (4 -> 2 -> 1) with --teacher-guidance-range: the first round's two-step loss falls, its
+    export is a guidance_embed student that records its range and teaches the second round (called with w)."""
     from evaluations.io import load_model
     from safetensors.torch import load_file
     out = setup["out"] + "-guided"
     args = ["--teacher", setup["cond"], "--data", setup["data"], "--out-dir", out, "--teacher-steps", "4",
-            "--final-steps", "2", "--no-convert", "--teacher-guidance-range", "0,3", "--steps-per-round", "40",
+            "--final-steps", "1", "--no-convert", "--teacher-guidance-range", "0,3", "--steps-per-round", "40",
             "--", "--global-batch", "16", "--lr", "2e-3", "--ema", "0.5", "--log-every", "20", "--save-every", "40",
             "--sample-grid", "4"]
     r = subprocess.run([sys.executable, "-m", "trainer.distill", *args], cwd=ROOT, env=ENV, capture_output=True,
@@ -362,14 +375,18 @@ def test_one_round_at_sampled_guidance_scales(setup):
     with open(os.path.join(out, "distill.json")) as f:
         plan = json.load(f)
     assert plan["teacher_guidance_range"] == [0.0, 3.0]
-    with open(plan["final"][:-len(".safetensors")] + ".json") as f:
-        meta = json.load(f)
-    assert meta["model"]["guidance_embed"] is True and meta["distill"]["teacher_guidance_range"] == [0.0, 3.0]
-    model, diffusion, _ = load_model(plan["final"], respacing="ddim2")
+    assert [(x["teacher_steps"], x["student_steps"]) for x in plan["rounds"]] == [(4, 2), (2, 1)]
+    first = os.path.join(plan["rounds"][0]["run_dir"], "model.safetensors")
+    assert plan["rounds"][1]["teacher"] == first
+    for path in (first, plan["final"]):
+        with open(path[:-len(".safetensors")] + ".json") as f:
+            meta = json.load(f)
+        assert meta["model"]["guidance_embed"] is True and meta["distill"]["teacher_guidance_range"] == [0.0, 3.0]
+    model, _, _ = load_model(first)
     assert model.guidance_embed and float(model.w_embed[-1].weight.detach().abs().max()) > 0  # w was learned from
     rng = ("--teacher-guidance-range", "0,3")
     before = _two_step_loss(setup, load_file(setup["cond"]), "cond", *rng)
-    after = _two_step_loss(setup, load_file(plan["final"]), "cond", *rng)
+    after = _two_step_loss(setup, load_file(first), "cond", *rng)
     assert after < 0.75 * before, (before, after)
 
 
