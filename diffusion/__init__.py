@@ -5,13 +5,14 @@ The network (diffusion.unet, diffusion.presets) is imported separately; this pac
 from __future__ import annotations
 
 from .gaussian_diffusion import LOSS_TYPES, GaussianDiffusion
-from .guidance import ClassifierFreeGuidance, classifier_cond_fn
+from .guidance import ClassifierFreeGuidance, EmbeddedGuidance, classifier_cond_fn
 from .respace import SpacedDiffusion
 from .schedules import SCHEDULES, get_named_beta_schedule, space_timesteps
 from .timestep_samplers import LossSecondMomentResampler, UniformSampler, create_timestep_sampler
 
 __all__ = [
-    "GaussianDiffusion", "SpacedDiffusion", "ClassifierFreeGuidance", "classifier_cond_fn", "create_diffusion",
+    "GaussianDiffusion", "SpacedDiffusion", "ClassifierFreeGuidance", "EmbeddedGuidance", "classifier_cond_fn",
+    "create_diffusion",
     "get_named_beta_schedule", "space_timesteps", "create_timestep_sampler", "UniformSampler",
     "LossSecondMomentResampler", "SCHEDULES", "LOSS_TYPES",
 ]

@@ -27,10 +27,12 @@ from .unet import SuperResModel, UNetModel
 class ModelConfig:
     """Everything needed to rebuild a UNetModel; JSON-serialisable through to_dict().
 
-    The last four fields describe checkpoints converted from improved-/guided-diffusion (trainer.convert):
-    num_heads_upsample (decoder heads, -1 = num_heads), null_label (False: no extra label row, so no
-    classifier-free guidance), timestep_scale (1000 / T for rescale_timesteps), super_res (SuperResModel: the
-    model also takes low_res [B, in_channels, h, w]). channel_mult may be fractional (0.5 at 512 px).
+    num_heads_upsample, null_label, timestep_scale and super_res describe checkpoints converted from improved-/
+    guided-diffusion (trainer.convert): num_heads_upsample (decoder heads, -1 = num_heads), null_label (False: no
+    extra label row, so no classifier-free guidance), timestep_scale (1000 / T for rescale_timesteps), super_res
+    (SuperResModel: the model also takes low_res [B, in_channels, h, w]). guidance_embed: a guidance-distilled
+    student that takes a classifier-free guidance scale w [B] per example (trainer.distill
+    --teacher-guidance-range). channel_mult may be fractional (0.5 at 512 px).
     """
 
     image_size: int = 64
@@ -52,6 +54,7 @@ class ModelConfig:
     null_label: bool = True
     timestep_scale: float = 1.0
     super_res: bool = False
+    guidance_embed: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -86,7 +89,7 @@ class ModelConfig:
                          num_head_channels=self.num_head_channels, use_scale_shift_norm=self.use_scale_shift_norm,
                          resblock_updown=self.resblock_updown, num_groups=self.num_groups,
                          num_heads_upsample=self.num_heads_upsample, null_label=self.null_label,
-                         timestep_scale=self.timestep_scale)
+                         timestep_scale=self.timestep_scale, guidance_embed=self.guidance_embed)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -146,5 +149,5 @@ def forward_flops(cfg: ModelConfig, batch: int = 1) -> int:
         model = cfg.replace(use_checkpoint=False).build()
     x, t, y = dummy_inputs(cfg, batch, "meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x, t, y)
+        model(x, t, y, **({"w": torch.zeros(batch, device="meta")} if cfg.guidance_embed else {}))
     return fc.get_total_flops()

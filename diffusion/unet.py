@@ -1,14 +1,15 @@
 """The Improved-DDPM / ADM UNet, written for speed.
 
-model(x_t, t, y=labels) -> [B, out_channels, H, W]; with learned sigma out_channels = 2 * in_channels
+model(x_t, t, y=labels[, w=scales]) -> [B, out_channels, H, W]; with learned sigma out_channels = 2 * in_channels
 (epsilon first, then the variance interpolation value v), as `diffusion/` expects.
 
 Layout (ADM): input conv; per resolution level `num_res_blocks` residual blocks (+ self-attention at the
 chosen resolutions) and a downsampling step; a middle ResBlock-Attention-ResBlock; a mirrored decoder that
 concatenates the encoder activations (num_res_blocks + 1 blocks per level); GroupNorm-SiLU-conv output.
 The timestep (and class label) embedding conditions every residual block through scale-shift group norm:
-h = GN(h) * (1 + scale) + shift. Output convolutions of residual branches are zero-initialised, so that
-every residual block starts as the identity (or its skip projection).
+h = GN(h) * (1 + scale) + shift. A guidance-distilled student (guidance_embed, Meng et al. 2023) also adds an
+embedding of its per-example classifier-free guidance scale w to that embedding. Output convolutions of residual
+branches are zero-initialised, so that every residual block starts as the identity (or its skip projection).
 
 Speed notes: the SiLU of the embedding is computed once per forward instead of once per block; the group
 norm affine parameters are folded into the per-sample scale/shift (one addcmul instead of two passes);
@@ -129,6 +130,9 @@ class UNetBlock(nn.Module):
         return x
 
 
+GUIDANCE_EMBED_SCALE = 100.0  # w is embedded as a timestep w * 100: periods from 0.06 to ~600 units of w
+
+
 def reachable_resolutions(image_size: int, levels: int) -> list[int]:
     """Resolutions (pixels) the UNet works at: image_size, image_size/2, ... (one per channel_mult level)."""
     return [image_size // 2 ** i for i in range(levels)]
@@ -146,6 +150,10 @@ class UNetModel(nn.Module):
     t * timestep_scale (1000 / T for checkpoints trained with improved-diffusion's rescale_timesteps).
     use_checkpoint: recompute each block in the backward pass (non-reentrant torch.utils.checkpoint; may be
     switched at any time).
+    guidance_embed: the model also takes w [B] (float, a classifier-free guidance scale, Meng et al. 2023): the
+    sinusoidal embedding of w * GUIDANCE_EMBED_SCALE goes through Linear-SiLU-Linear, whose last layer starts at
+    zero, and is added to the timestep embedding; so weights loaded from a model without it (`load_unguided`)
+    compute exactly that model's output for every w until trained.
     """
 
     def __init__(self, *, image_size: int, in_channels: int = 3, model_channels: int = 128,
@@ -154,7 +162,7 @@ class UNetModel(nn.Module):
                  use_checkpoint: bool = False, num_heads: int = 4, num_head_channels: int = -1,
                  use_scale_shift_norm: bool = True, resblock_updown: bool = False, conv_resample: bool = True,
                  num_groups: int = 32, num_heads_upsample: int = -1, null_label: bool = True,
-                 timestep_scale: float = 1.0) -> None:
+                 timestep_scale: float = 1.0, guidance_embed: bool = False) -> None:
         super().__init__()
         levels = len(channel_mult)
         allowed = reachable_resolutions(image_size, levels)
@@ -197,6 +205,9 @@ class UNetModel(nn.Module):
 
         self.time_embed = nn.Sequential(CastLinear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.label_emb = nn.Embedding(num_classes + int(null_label), emb_ch) if num_classes is not None else None
+        self.guidance_embed = guidance_embed
+        self.w_embed = nn.Sequential(CastLinear(model_channels, emb_ch), nn.SiLU(),
+                                     zero_(nn.Linear(emb_ch, emb_ch))) if guidance_embed else None
         self.conv_in = CastConv2d(in_channels, chs[0], 3, padding=1)
 
         ch, r, chans = chs[0], image_size, [chs[0]]
@@ -231,18 +242,37 @@ class UNetModel(nn.Module):
             return checkpoint(blk, h, emb, skip, use_reentrant=False)
         return blk(h, emb, skip)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def load_unguided(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the state dict of the same network without guidance_embed (a guided teacher): every tensor is
+        loaded strictly, the w embedding keeps its initialisation (zero output). Any other mismatch raises."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (self.guidance_embed and k.startswith("w_embed."))]
+        if missing or unexpected:
+            raise RuntimeError(f"state dict does not match the network: missing {missing[:4]}, unexpected "
+                               f"{unexpected[:4]}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                w: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, in_channels, H, W]; t: [B] timesteps of the original process; y: [B] labels in 0..num_classes
-        (num_classes = null label) or None for an unconditional model. Returns [B, out_channels, H, W] in x's dtype."""
+        (num_classes = null label) or None for an unconditional model; w: [B] float guidance scales, required by
+        (and only by) a guidance_embed model. Returns [B, out_channels, H, W] in x's dtype."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("class-conditional model needs y (use y = num_classes for the null label)"
                              if y is None else "unconditional model (num_classes=None) takes no labels y")
+        if (w is None) == self.guidance_embed:
+            raise ValueError("guidance-distilled model (guidance_embed) needs w: one guidance scale per example"
+                             if w is None else "this model has no guidance input (guidance_embed=False); drop w")
+        if w is not None and w.shape != t.shape:
+            raise ValueError(f"w must hold one guidance scale per example: shape {tuple(t.shape)}, got "
+                             f"{tuple(w.shape)}")
         # Parameters may be bf16/fp16 (a DeepSpeed engine) or fp32 (autocast): the Cast* layers cast inputs.
         if self.timestep_scale != 1.0:
             t = t.float() * self.timestep_scale
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
+        if self.w_embed is not None:
+            emb = emb + self.w_embed(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.model_channels))
         emb = F.silu(emb)  # every consumer (the ResBlocks' projections) starts with SiLU
         h = self.conv_in(x)
         skips = [h]
@@ -267,9 +297,9 @@ class SuperResModel(UNetModel):
         super().__init__(in_channels=2 * in_channels, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
-                low_res: torch.Tensor | None = None) -> torch.Tensor:
+                low_res: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
         if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != x.shape[:2]:
             raise ValueError(f"super-resolution model needs low_res [B, {x.shape[1]}, h, w] matching x "
                              f"{tuple(x.shape)}, got {None if low_res is None else tuple(low_res.shape)}")
         up = F.interpolate(low_res.to(x.dtype), x.shape[2:], mode="bilinear", align_corners=False)
-        return super().forward(torch.cat([x, up], dim=1), t, y)
+        return super().forward(torch.cat([x, up], dim=1), t, y, w=w)

@@ -128,6 +128,9 @@ def nll(model: str, data: str, *, respace: str | None = None, batch_size: int = 
         diffusion = VDMBound(t_samples, int(respace or 0))
     else:
         net, diffusion, meta = load_model(model, dev, respace or "", what=f"--respace {respace}")
+        if meta["model"].get("guidance_embed"):
+            raise UsageError(f"--model {model} is guidance-distilled (a few-step student that takes a guidance scale "
+                             f"w): it defines no likelihood bound; evaluate its samples (evaluations.sample)")
         net = InferenceNet(net, dev, compile=compile, precision=precision)
         if compile:  # the batch shape compiles here, outside the timed loop
             warm_up(net, [batch_size], (meta["model"].get("in_channels", 3),) + (meta["model"]["image_size"],) * 2,

@@ -11,6 +11,8 @@ finished batch is saved atomically under OUT.parts/; a killed job re-run with th
 the rest. Rank 0 then writes OUT (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels [N] for class-conditional models and
 classifier guidance) and OUT.json (settings, throughput) atomically, and removes OUT.parts/. --classifier guides
 with a noise-aware classifier (DDPM: mean shift, DDIM: score shift; unconditional models too; docs/evaluations.md).
+A guidance-distilled student (model.guidance_embed, trainer.distill --teacher-guidance-range) takes the scale as an
+input: --guidance-scale W is required for it and costs ONE forward per step (no conditional/unconditional pair).
 
 From Python, `sample(model, num_samples, ...)` returns the images and labels (on rank 0) and writes nothing but
 the optional resume folder `parts_dir`.
@@ -74,7 +76,7 @@ def load_labels(labels: str | np.ndarray, n: int, num_classes: int) -> np.ndarra
 
 
 def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: int | None, eta: float,
-                  guidance_scale: float, labels: Any, class_label: int | None, classifier: str | None = None,
+                  guidance_scale: float | None, labels: Any, class_label: int | None, classifier: str | None = None,
                   classifier_scale: float = 1.0) -> None:
     """Refuse contradictory or out-of-range sampling options (UsageError, one line)."""
     if num_samples < 1 or batch_size < 1:
@@ -85,7 +87,7 @@ def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: 
         raise UsageError(f"--ddim {ddim}: the number of DDIM steps must be positive")
     if eta < 0 or (eta and not ddim):
         raise UsageError("--eta must be >= 0 and only applies with --ddim")
-    if guidance_scale < 0:
+    if guidance_scale is not None and not guidance_scale >= 0:
         raise UsageError("--guidance-scale must be >= 0")
     if labels is not None and class_label is not None:
         raise UsageError("give either --labels or --class-label, not both")
@@ -126,13 +128,14 @@ class _Job:
     settings: dict[str, Any]            # parts on disk and a finished output are reused only when this matches
     cond_fn: Any = None                 # classifier guidance (diffusion.guidance.classifier_cond_fn), or None
     conditional_model: bool = True      # False: an unconditional model whose labels only steer the classifier
+    forwards_per_step: int = 1          # model forwards per sampling step (2: classifier-free guidance)
 
 
 def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: int, respace: str | None,
-             ddim: int | None, eta: float, guidance_scale: float, labels: str | np.ndarray | None,
+             ddim: int | None, eta: float, guidance_scale: float | None, labels: str | np.ndarray | None,
              class_label: int | None, seed: int, clip: bool, classifier: str | None = None,
              classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32") -> _Job:
-    from diffusion.guidance import ClassifierFreeGuidance
+    from diffusion.guidance import ClassifierFreeGuidance, EmbeddedGuidance
     from trainer.compile import InferenceNet
     respacing = f"ddim{ddim}" if ddim else (respace or "")
     net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim")
@@ -152,24 +155,34 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
         else:
             fixed = np.full(num_samples, class_label, dtype=np.int64)
     net = InferenceNet(net, device, compile=compile, precision=precision)  # after the classifier took its dtype
-    if guidance_scale:
+    embedded = bool(meta["model"].get("guidance_embed"))
+    if embedded:  # the scale is the model's input w: one forward per step
+        if guidance_scale is None:
+            learned = (meta.get("distill") or {}).get("teacher_guidance_range")
+            raise UsageError(f"--model {model} is guidance-distilled (it takes the guidance scale as an input): pass "
+                             f"--guidance-scale W" + (f" (it learned {learned[0]:g} to {learned[1]:g})"
+                                                      if learned else ""))
+        net = EmbeddedGuidance(net, guidance_scale)
+    elif guidance_scale:
         if not conditional:
             raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
         if not meta["model"].get("null_label", True):
             raise UsageError("--guidance-scale: this model has no null-label row (converted from a checkpoint "
                              "trained without label dropout), so classifier-free guidance is undefined; use 0")
         net = ClassifierFreeGuidance(net, guidance_scale, num_classes)
+    guidance_scale = guidance_scale or 0.0
     settings = {"model": os.path.abspath(model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
                 "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
                 "sampler": "ddim" if ddim else "ddpm", "timestep_respacing": respacing, "eta": eta,
                 "guidance_scale": guidance_scale, "clip_denoised": clip, "class_label": class_label,
                 "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None, **guide,
-                **({"precision": precision} if precision != "fp32" else {})}
+                **({"precision": precision} if precision != "fp32" else {}),
+                **({"guidance": "embedded"} if embedded else {})}
     size = meta["model"]["image_size"]
     if not conditional and classifier is not None:
         net = _DropLabels(net)
     return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings,
-                cond_fn, conditional)
+                cond_fn, conditional, 2 if guidance_scale and not embedded else 1)
 
 
 class _DropLabels:
@@ -325,7 +338,7 @@ def _gathered(kept: dict[int, tuple[np.ndarray, np.ndarray | None]], job: _Job, 
 
 
 def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str | None = None,
-           ddim: int | None = None, eta: float = 0.0, guidance_scale: float = 0.0,
+           ddim: int | None = None, eta: float = 0.0, guidance_scale: float | None = None,
            labels: str | np.ndarray | None = None, class_label: int | None = None, seed: int = 0,
            clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
            parts_dir: str | None = None, reuse: str | None = None, classifier: str | None = None,
@@ -334,7 +347,8 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
 
     respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
-    classifier-free guidance (0 = off); labels: N integer labels (array or .npy/.npz path) or class_label: one
+    classifier-free guidance (None or 0 = off; required, and the model's input w, for a guidance_embed model);
+    labels: N integer labels (array or .npy/.npz path) or class_label: one
     class for all (default: uniform random); seed: batch b uses derive_seed(seed, b); clip: clip predicted x_0
     to [-1, 1]; device: default this rank's GPU, else CPU; threads: torch CPU threads.
     classifier: exported noise-aware classifier (`--objective classifier`) guiding with `classifier_scale` s
@@ -391,7 +405,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     report = {"settings": job.settings, "shape": list(images.shape), "ranks": ranks.world, "device": str(dev),
               "sampled_this_run": made_total, "resumed_batches": resumed, "seconds": round(wall, 3),
               "images_per_second": round(made_total / wall, 3) if wall > 0 and made_total else None,
-              "model_steps_per_image": job.diffusion.num_timesteps * (2 if guidance_scale else 1),
+              "model_steps_per_image": job.diffusion.num_timesteps * job.forwards_per_step,
               "compile": compile if compile is not True else "default", "precision": precision,
               "warmup_seconds": round(warm, 3)}
     return Samples(images, ys, report)
@@ -414,7 +428,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--respace", default=None, help="respaced DDPM, e.g. 250, 100, 50 or '10,15,20' (default: full T)")
     p.add_argument("--ddim", type=int, default=None, help="DDIM with this many steps (respacing 'ddimN')")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale w (0 = off)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale w (default off; two forwards per step); a guidance-distilled "
+                        "model (guidance_embed) requires it and takes w as an input (one forward per step)")
     p.add_argument("--labels", default=None, help=".npy/.npz of N integer labels (default: uniform random)")
     p.add_argument("--class-label", type=int, default=None, help="sample only this class")
     p.add_argument("--classifier", default=None, help="noise-aware classifier (exported from a --objective "

@@ -92,6 +92,9 @@ def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: in
             row.setdefault("seconds", None)
             return images[:n]
     model, _, meta = load_model(row["model"], device, what="--teacher/--students")
+    if meta["model"].get("num_classes") is not None:  # incl. guidance-distilled students (they need y and w)
+        raise UsageError(f"{row['model']} is class-conditional: the sweep samples without labels or guidance "
+                         f"(unconditional teachers only); use evaluations.sample --guidance-scale per row")
     dkw = {k: v for k, v in meta["diffusion"].items() if k != "timestep_respacing"}
     k = row["steps"]
     try:

@@ -4,7 +4,8 @@
     python -m trainer.export RUN_DIR --format diffusers --out-dir DIR      (trainer/export_diffusers.py)
 
 writes `model.safetensors` (fp32 state dict) and `model.json`
-`{"model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int, "ema": str}`.
+`{"model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int, "ema": str}` (plus "distill": the
+round's plan for a distilled student; a guidance-distilled one has model.guidance_embed true).
 Checkpoints keep EMA and model weights already consolidated (gathered across ZeRO partitions when saved),
 so export works from any ZeRO stage without DeepSpeed.
 """
@@ -28,14 +29,17 @@ def json_path_for(path: str) -> str:
 
 
 def save_exported(path: str, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                  diffusion_kwargs: dict[str, Any], *, step: int, ema: str) -> tuple[str, str]:
+                  diffusion_kwargs: dict[str, Any], *, step: int, ema: str,
+                  extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Write `path` (safetensors, fp32 tensors) and its JSON sibling atomically; return both paths.
 
-    `ema` names the weights: an EMA rate such as "0.9999", or "model" for the raw (non-averaged) weights.
+    `ema` names the weights: an EMA rate such as "0.9999", or "model" for the raw (non-averaged) weights;
+    `extra`: further JSON entries (e.g. "distill").
     """
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
     atomic_save_safetensors(path, tensors, metadata={"format": "pt", "ema": str(ema), "step": str(int(step))})
-    meta = {"model": dict(model_config), "diffusion": dict(diffusion_kwargs), "step": int(step), "ema": str(ema)}
+    meta = {**(extra or {}), "model": dict(model_config), "diffusion": dict(diffusion_kwargs), "step": int(step),
+            "ema": str(ema)}
     jpath = json_path_for(path)
     atomic_write_json(jpath, meta)
     return path, jpath
@@ -131,7 +135,8 @@ def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
     """Export EMA `ema` (a rate such as 0.9999, a tracked power-function EMA such as phema_0.05, or "model") from
     the latest checkpoint of `run_dir` to `out`."""
     state, meta, key = run_weights(run_dir, ema)
-    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]), ema=key)
+    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]), ema=key,
+                         extra={"distill": meta["distill"]} if "distill" in meta else None)
 
 
 def default_ema(run_dir: str) -> str:

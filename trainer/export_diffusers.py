@@ -45,6 +45,9 @@ def _refuse_unexpressible(cfg: dict[str, Any]) -> None:
                          "UNet2DModel feeds timesteps as they are")
     if _cfg_get(cfg, "super_res", False):
         raise UsageError("--format diffusers: a super-resolution model (low-res input) has no UNet2DModel equivalent")
+    if _cfg_get(cfg, "guidance_embed", False):
+        raise UsageError("--format diffusers: a guidance-distilled model (guidance_embed: it takes a guidance scale w "
+                         "per example) has no UNet2DModel equivalent")
     for key in ("fourier_features",):
         if _cfg_get(cfg, key, 0):
             raise UsageError(f"--format diffusers: {key} has no UNet2DModel equivalent")

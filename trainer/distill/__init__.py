@@ -10,9 +10,15 @@ teacher the x_0 implied by its output at high noise is (x_t - sqrt(1-abar) eps)/
 so the paper's student is v-parameterized. Starting a v-student from epsilon weights is a change of meaning of the
 output; `--substeps 1` trains that conversion as a round of its own (target: ONE teacher DDIM step, N -> N steps),
 which the rounds driver runs first for a teacher that is not v already. Loss: max(SNR_t, 1) |x~ - x_0_hat|^2
-(truncated SNR, mean over pixels), t uniform over the student's steps. A class-conditional teacher may be guided
-(classifier-free, a fixed scale w, Meng et al. 2023 stage one): the target is built from the guided teacher, so the
-student needs one forward per step and is sampled WITHOUT guidance.
+(truncated SNR, mean over pixels), t uniform over the student's steps.
+
+Guidance (Meng et al. 2023, stage one), class-conditional teachers only; either way the student needs ONE forward
+per step. `--teacher-guidance W`: the target is built from the teacher under classifier-free guidance at the fixed
+scale W, and the student is sampled without guidance. `--teacher-guidance-range WMIN,WMAX`: every example draws its
+own w uniform in [WMIN, WMAX]; the target is built from the teacher guided at that w and the student, a UNet with
+guidance_embed (an embedding of w added to the timestep embedding, zero-initialised, so it starts as the teacher),
+is called with the same w. A teacher that is such a student already (later rounds) is called with w, unguided.
+The student is sampled at any scale in the range: `evaluations.sample --guidance-scale W` (required for it).
 """
 from __future__ import annotations
 
@@ -44,6 +50,10 @@ class DistillOptions:
     student_mean_type: str = option("v", "what the student predicts", choices=lambda: MEAN_TYPES, frozen=True)
     teacher_guidance: float = option(0.0, "classifier-free guidance scale w of a class-conditional teacher "
                                      "(distilled into the student; 0 = off)", lower=0.0, frozen=True)
+    teacher_guidance_range: str = option("", "WMIN,WMAX: distill classifier-free guidance at a scale drawn per "
+                                         "example, uniform in [WMIN, WMAX]; the student takes w as an input "
+                                         "(guidance_embed). Needs a class-conditional teacher; excludes "
+                                         "--teacher-guidance", frozen=True, metavar="WMIN,WMAX")
     teacher_clip: bool = option(True, "clip the teacher's x_0 predictions to [-1, 1]", frozen=True)
 
 
@@ -63,9 +73,24 @@ def load_teacher(path: str, device: str | torch.device = "cpu") -> tuple[torch.n
     return model, dkw, meta
 
 
+def parse_guidance_range(text: str | None) -> tuple[float, float] | None:
+    """"WMIN,WMAX" -> (WMIN, WMAX) with 0 <= WMIN < WMAX, both finite; "" or None -> None; UsageError otherwise."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--teacher-guidance-range {text!r}: give two scales WMIN,WMAX, e.g. 0,4") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise UsageError(f"--teacher-guidance-range {text}: need 0 <= WMIN < WMAX (finite)")
+    return lo, hi
+
+
 def check_plan(dkw: dict[str, Any], model_cfg: dict[str, Any], teacher_steps: int, substeps: int,
-               guidance: float, image_size: int | None, what: str = "--teacher") -> None:
-    """Refuse, with one line, a teacher / step count / data combination that cannot be distilled."""
+               guidance: float, image_size: int | None, what: str = "--teacher",
+               guidance_range: tuple[float, float] | None = None, teacher_meta: dict | None = None) -> None:
+    """Refuse, with one line, a teacher / step count / guidance / data combination that cannot be distilled.
+    teacher_meta: the teacher's model.json (its "distill" entry tells the range a guidance-distilled one learned)."""
     T, own = int(dkw["steps"]), int(dkw.get("distilled_steps") or 0)
     if not is_power_of_two(teacher_steps) or teacher_steps < 2 or teacher_steps > T:
         raise UsageError(f"--teacher-steps {teacher_steps}: must be a power of two in [2, {T}] (halved each round)")
@@ -78,6 +103,23 @@ def check_plan(dkw: dict[str, Any], model_cfg: dict[str, Any], teacher_steps: in
     if guidance > 0 and own:
         raise UsageError(f"--teacher-guidance {guidance}: {what} is a distilled student, which already carries the "
                          f"guidance of its first round; use 0")
+    embed = bool(model_cfg.get("guidance_embed"))
+    learned = ((teacher_meta or {}).get("distill") or {}).get("teacher_guidance_range")
+    if guidance_range is not None:
+        flag = f"--teacher-guidance-range {guidance_range[0]:g},{guidance_range[1]:g}"
+        if guidance > 0:
+            raise UsageError(f"{flag} and --teacher-guidance {guidance} exclude each other: a fixed or a sampled scale")
+        if not model_cfg.get("num_classes"):
+            raise UsageError(f"{flag}: the teacher is unconditional (no classes to guide)")
+        if own and not embed:
+            raise UsageError(f"{flag}: {what} is a distilled student without a guidance input; a sampled scale is "
+                             f"distilled in the first round only")
+        if learned and not learned[0] <= guidance_range[0] < guidance_range[1] <= learned[1]:
+            raise UsageError(f"{flag}: {what} learned guidance scales in [{learned[0]:g}, {learned[1]:g}] only")
+    elif embed:
+        raise UsageError(f"{what} is a guidance-distilled student (it takes a guidance scale w): pass "
+                         f"--teacher-guidance-range" + (f" (it learned {learned[0]:g},{learned[1]:g})"
+                                                        if learned else ""))
     size = model_cfg.get("image_size")
     if image_size is not None and size is not None and int(size) != int(image_size):
         raise UsageError(f"{what} was trained on {size} px images but the data are {image_size} px; use data of "
@@ -113,8 +155,13 @@ class Distill(Objective):
         o = self.options
         self.teacher, dkw, meta = load_teacher(o.teacher)
         self.model_cfg = dict(meta["model"])
+        self.guidance_range = parse_guidance_range(o.teacher_guidance_range)
         check_plan(dkw, self.model_cfg, o.teacher_steps, o.substeps, o.teacher_guidance,
-                   cfg.data.image_size or (data_image_size(cfg.data.source) if cfg.data.source else None))
+                   cfg.data.image_size or (data_image_size(cfg.data.source) if cfg.data.source else None),
+                   guidance_range=self.guidance_range, teacher_meta=meta)
+        self.teacher_embed = bool(self.model_cfg.get("guidance_embed"))  # the teacher takes w itself
+        if self.guidance_range is not None:
+            self.model_cfg["guidance_embed"] = True  # the student's config (exported as such)
         self.num_classes = int(self.model_cfg.get("num_classes") or 0)
         self.teacher_diffusion: GaussianDiffusion = create_diffusion(**{**dkw, "timestep_respacing": "",
                                                                         "distilled_steps": o.teacher_steps})
@@ -126,16 +173,21 @@ class Distill(Objective):
         self.teacher_path = os.path.abspath(o.teacher)
 
     def build_model(self) -> torch.nn.Module:
-        """The teacher's network with the teacher's weights (the student's starting point)."""
+        """The teacher's network with the teacher's weights (the student's starting point); with a sampled guidance
+        scale plus a zero-initialised w embedding (a teacher without one: `load_unguided`)."""
         model = create_model_from_config(self.model_cfg)
-        model.load_state_dict(self.teacher.state_dict())
+        if self.guidance_range is not None and not self.teacher_embed:
+            model.load_unguided(self.teacher.state_dict())
+        else:
+            model.load_state_dict(self.teacher.state_dict())
         return model
 
     def export_config(self) -> dict[str, Any]:
         o = self.options
         return {"model": self.model_cfg, "diffusion": self.diffusion_kw,
                 "distill": {"teacher": self.teacher_path, "teacher_steps": o.teacher_steps, "substeps": o.substeps,
-                            "student_steps": self.student_steps, "teacher_guidance": o.teacher_guidance}}
+                            "student_steps": self.student_steps, "teacher_guidance": o.teacher_guidance,
+                            "teacher_guidance_range": list(self.guidance_range) if self.guidance_range else None}}
 
     def loss(self, net: Net, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
@@ -148,8 +200,17 @@ class Distill(Objective):
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         x_t = self.diffusion.q_sample(x, j, noise=noise)
         kw = {"y": y} if self.num_classes else {}
-        target = teacher_ddim_target(self.teacher_fn, self.teacher_diffusion, x_t, r * j + r - 1, substeps=r,
-                                     clip=self.options.teacher_clip, model_kwargs=kw)
+        teacher_fn, teacher_kw = self.teacher_fn, kw
+        if self.guidance_range is not None:  # w [B] ~ U[WMIN, WMAX]: the student's input, the teacher's scale
+            lo, hi = self.guidance_range
+            w = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=x.device)
+            kw = {**kw, "w": w}
+            if self.teacher_embed:
+                teacher_kw = kw
+            else:
+                teacher_fn = ClassifierFreeGuidance(self.teacher, w, self.num_classes)
+        target = teacher_ddim_target(teacher_fn, self.teacher_diffusion, x_t, r * j + r - 1, substeps=r,
+                                     clip=self.options.teacher_clip, model_kwargs=teacher_kw)
         out = net(x_t, self.diffusion.map_timesteps(j), **kw)
         x0 = self.diffusion._predict_xstart(x_t.to(out.dtype), j, out[:, :x.shape[1]])
         xmse = mean_flat((target.to(x0.dtype) - x0) ** 2)
@@ -161,12 +222,15 @@ class Distill(Objective):
         return loss, metrics
 
     def preview(self, model: torch.nn.Module, device: torch.device, seed: int) -> tuple[torch.Tensor, int]:
-        """The student's own K DDIM steps (eta 0) from fixed noise; labels cycle through the classes."""
+        """The student's own K DDIM steps (eta 0) from fixed noise; labels cycle through the classes; a student of
+        a sampled guidance scale at the middle of the range."""
         n = self.cfg.log.sample_grid or 64
         g = torch.Generator(device=device).manual_seed(seed)
         size, ch = self.model_cfg["image_size"], self.model_cfg.get("in_channels", 3)
         noise = torch.randn(n, ch, size, size, generator=g, device=device)
         kw = {"y": torch.arange(n, device=device) % self.num_classes} if self.num_classes else {}
+        if self.guidance_range is not None:
+            kw["w"] = torch.full((n,), sum(self.guidance_range) / 2, device=device)
         with torch.no_grad():
             x = self.diffusion.ddim_sample_loop(model, noise.shape, noise=noise, model_kwargs=kw, device=device)
         return x, int(math.ceil(math.sqrt(n)))

@@ -10,6 +10,10 @@ are skipped, an unfinished one resumes from its latest checkpoint. Flags after `
 `trainer.main` (optimizer, batch, EMA, checkpoint interval...; the model and diffusion come from the teacher).
 `--launcher` runs the rounds under any launcher (e.g. "srun python -m trainer.main" or
 "deepspeed --num_gpus 2 trainer/main.py"). OUT/distill.json records every round and its cost in images processed.
+Guidance (class-conditional teachers): `--teacher-guidance W` distills a fixed scale in the first round;
+`--teacher-guidance-range WMIN,WMAX` a scale drawn per example in every round (the first round's teacher guided
+at it, later rounds' teachers taking it as their input w), so the final student is sampled at any w in the range
+with one forward per step (evaluations.sample --guidance-scale W).
 Exit codes: 0 done, 2 bad input, or a failing round's own code (75: preempted, re-run to resume).
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 from data.cli import ArgumentParser, UsageError, flag, run_cli
 from data.fsio import atomic_write_json
 from diffusion.distill import is_power_of_two
-from trainer.distill import check_plan, data_image_size, load_teacher
+from trainer.distill import check_plan, data_image_size, load_teacher, parse_guidance_range
 
 
 def plan_rounds(teacher_steps: int, final_steps: int, convert: bool) -> list[tuple[int, int]]:
@@ -92,6 +96,9 @@ def parse(argv: list[str] | None) -> tuple[Any, list[str]]:
     flag(p, "--convert", None, "run the v-conversion round first (default: when the teacher does not predict v)")
     p.add_argument("--teacher-guidance", type=float, default=0.0,
                    help="classifier-free guidance scale distilled in the first round (class-conditional teacher)")
+    p.add_argument("--teacher-guidance-range", default=None, metavar="WMIN,WMAX",
+                   help="distill guidance at a scale drawn per example uniform in [WMIN, WMAX] (every round); the "
+                        "students take w as an input. Class-conditional teacher; excludes --teacher-guidance")
     p.add_argument("--export-ema", default=None, help="EMA exported from each round (default: the run's first rate)")
     p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m trainer.main",
                    help="command that runs trainer.main (default: this Python, one process)")
@@ -109,7 +116,9 @@ def _main(argv: list[str] | None) -> int:
     pre = ArgumentParser(add_help=False)  # a read-time resize passed on to the rounds decides the image side
     pre.add_argument("--data-image-size", type=int)
     size = pre.parse_known_args(extra)[0].data_image_size or data_image_size(a.data)
-    check_plan(dkw, meta["model"], a.teacher_steps, 2, a.teacher_guidance, size)
+    wrange = parse_guidance_range(a.teacher_guidance_range)
+    check_plan(dkw, meta["model"], a.teacher_steps, 2, a.teacher_guidance, size, guidance_range=wrange,
+               teacher_meta=meta)
     convert = a.convert if a.convert is not None else dkw.get("model_mean_type") != "v"
     teacher, records = os.path.abspath(a.teacher), []
     for i, (n, r) in enumerate(plan_rounds(a.teacher_steps, a.final_steps, convert)):
@@ -120,11 +129,14 @@ def _main(argv: list[str] | None) -> int:
             cmd = shlex.split(a.launcher) + [
                 "--objective", "distill", "--teacher", teacher, "--teacher-steps", str(n), "--substeps", str(r),
                 "--teacher-guidance", str(a.teacher_guidance if i == 0 else 0.0), "--data", a.data,
-                "--run-dir", rd, "--total-steps", str(steps)] + extra
+                "--run-dir", rd, "--total-steps", str(steps)] + (
+                ["--teacher-guidance-range", f"{wrange[0]!r},{wrange[1]!r}"] if wrange else []) + extra
             run_round(cmd, rd, a.export_ema, i)
         records.append(round_record(rd, n, r, teacher))
         atomic_write_json(os.path.join(a.out_dir, "distill.json"),
-                          {"rounds": records, "images": sum(x["images"] for x in records), "final": out})
+                          {"rounds": records, "images": sum(x["images"] for x in records), "final": out,
+                           "teacher_guidance": a.teacher_guidance,
+                           "teacher_guidance_range": list(wrange) if wrange else None})
         teacher = os.path.abspath(out)
     print(f"trainer.distill: {len(records)} rounds, {sum(x['images'] for x in records)} images; "
           f"final student {teacher}")
