@@ -10,6 +10,11 @@ in OUT/distill.json (or given by --students). Quality: the Frechet distance betw
 (evaluations.features `pixels`: pixels in [0, 1], area-downsampled to <= 32 px) of the samples and of the reference
 images (npz arr_0 uint8 [N, H, W, 3]). Writes DIR/sweep_steps.md/.json/.png and every batch of samples as
 DIR/samples/<name>.npz (arr_0 uint8 [N, H, W, 3]); batches already there are reused, so a re-run only adds rows.
+
+Class-conditional models sample balanced labels (image i asks for class i mod K, stored as arr_1), the teacher with
+classifier-free guidance at --guidance-scale W (0: the plain conditional model); a student distilled at sampled
+scales (guidance_embed) takes W as its input, one distilled at a fixed scale carries its own (it gets the labels
+only). Unconditional and conditional models cannot be mixed in one sweep.
 """
 from __future__ import annotations
 
@@ -35,9 +40,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def sample_images(model: Any, diffusion: Any, shape: tuple[int, int, int], n: int, *, batch_size: int, seed: int,
-                  method: str, device: torch.device, desc: str = "") -> np.ndarray:
+                  method: str, device: torch.device, desc: str = "", labels: np.ndarray | None = None) -> np.ndarray:
     """`n` samples uint8 [n, H, W, C]; x_T of image i is the same for every model and sampler (same `seed`), the
-    DDPM step noise is drawn per batch from derive_seed(seed, batch)."""
+    DDPM step noise is drawn per batch from derive_seed(seed, batch). labels: int [n], the y of a conditional
+    model (None: unconditional)."""
     from tqdm.auto import tqdm
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *shape), generator=g)
@@ -45,8 +51,10 @@ def sample_images(model: Any, diffusion: Any, shape: tuple[int, int, int], n: in
     for b, i in enumerate(tqdm(range(0, n, batch_size), desc=desc, leave=False)):
         x_T = noise[i:i + batch_size].to(device)
         gb = torch.Generator(device=device).manual_seed(derive_seed(seed, b))
+        kwargs = {} if labels is None else {"y": torch.from_numpy(labels[i:i + batch_size]).to(device)}
         with torch.no_grad():
-            x = diffusion.sample_loop_progressive(model, tuple(x_T.shape), method=method, noise=x_T, generator=gb)
+            x = diffusion.sample_loop_progressive(model, tuple(x_T.shape), method=method, noise=x_T, generator=gb,
+                                                  model_kwargs=kwargs)
             for step in x:
                 last = step["sample"]
         out.append(to_uint8(last))
@@ -80,9 +88,32 @@ def students_of(distill_dir: str) -> list[tuple[str, int]]:
             if r["substeps"] == 2]
 
 
-def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: int, device: torch.device) -> np.ndarray:
-    """Sample one row (or reuse its npz); fills row['seconds'] and row['samples']."""
-    from diffusion import create_diffusion
+def guidance_of(meta: dict[str, Any], scale: float, name: str) -> str:
+    """How a model of this export is guided at `scale` (UsageError when it cannot be): "" for an unconditional model,
+    "input w W" for a student distilled at sampled scales (guidance_embed), "as distilled" for one distilled at a
+    fixed scale (labels only), "CFG w W" or "conditional" (W = 0) for a class-conditional teacher."""
+    m = meta["model"]
+    if m.get("num_classes") is None:
+        if scale:
+            raise UsageError(f"--guidance-scale {scale:g}: {name} is unconditional")
+        return ""
+    if m.get("guidance_embed"):
+        return f"input w {scale:g}"
+    if meta["diffusion"].get("distilled_steps"):
+        return "as distilled"
+    if not scale:
+        return "conditional"
+    if not m.get("null_label", True):
+        raise UsageError(f"--guidance-scale {scale:g}: {name} has no null-label row, so classifier-free guidance "
+                         "is undefined; use 0")
+    return f"CFG w {scale:g}"
+
+
+def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: int, device: torch.device,
+            guidance_scale: float = 0.0) -> np.ndarray:
+    """Sample one row (or reuse its npz); fills row['seconds'] and row['samples']. A conditional model's image i
+    asks for class i mod K, guided as row['guidance'] (guidance_of) says."""
+    from diffusion import ClassifierFreeGuidance, EmbeddedGuidance, create_diffusion
     from evaluations.io import load_model
     path = os.path.join(out_dir, "samples", row["name"] + ".npz")
     row["samples"] = path
@@ -92,9 +123,10 @@ def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: in
             row.setdefault("seconds", None)
             return images[:n]
     model, _, meta = load_model(row["model"], device, what="--teacher/--students")
-    if meta["model"].get("num_classes") is not None:  # incl. guidance-distilled students (they need y and w)
-        raise UsageError(f"{row['model']} is class-conditional: the sweep samples without labels or guidance "
-                         f"(unconditional teachers only); use evaluations.sample --guidance-scale per row")
+    k_classes, how = meta["model"].get("num_classes"), row.get("guidance", "")
+    labels = None if k_classes is None else np.arange(n, dtype=np.int64) % int(k_classes)
+    net = EmbeddedGuidance(model, guidance_scale) if how.startswith("input") else \
+        ClassifierFreeGuidance(model, guidance_scale, int(k_classes)) if how.startswith("CFG") else model
     dkw = {k: v for k, v in meta["diffusion"].items() if k != "timestep_respacing"}
     k = row["steps"]
     try:
@@ -106,33 +138,56 @@ def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: in
         raise UsageError(f"{row['name']}: {e}") from None
     m = meta["model"]
     t0 = time.perf_counter()
-    images = sample_images(model, diffusion, (m.get("in_channels", 3), m["image_size"], m["image_size"]), n,
+    images = sample_images(net, diffusion, (m.get("in_channels", 3), m["image_size"], m["image_size"]), n,
                            batch_size=batch_size, seed=seed, method="ddpm" if "DDPM" in row["sampler"] else "ddim",
-                           device=device, desc=row["name"])
+                           device=device, desc=row["name"], labels=labels)
     row["seconds"] = round(time.perf_counter() - t0, 2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save_npz(path, arr_0=images)
+    atomic_save_npz(path, arr_0=images, **({} if labels is None else {"arr_1": labels}))
     return images
 
 
 def sweep(teacher: str, reference: str, out_dir: str, *, students: list[tuple[str, int]], ddim: list[int],
           ddpm: list[int], num_samples: int = 500, batch_size: int = 250, seed: int = 0,
-          device: str | torch.device = "cpu", scorers: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fill every row (pixel FD, seconds, plus `scorers[name](images) -> float`) and write the report."""
+          device: str | torch.device = "cpu", scorers: dict[str, Any] | None = None,
+          guidance_scale: float = 0.0) -> dict[str, Any]:
+    """Fill every row (pixel FD, seconds, plus `scorers[name](images) -> float`; a conditional model's images ask
+    for classes i mod K) and write the report."""
     from evaluations.features import create_extractor, extract
     ref = check_images(load_npz(reference)["arr_0"], f"{reference} arr_0")
     rf = extract(ref, create_extractor("pixels"), batch_size=256)
     rows = plan(teacher, students, ddim, ddpm)
+    metas = [_meta(r["model"]) for r in rows]
+    if len({m["model"].get("num_classes") is None for m in metas}) > 1:
+        raise UsageError("the teacher and the students must all be class-conditional or all unconditional")
+    for row, meta in zip(rows, metas):
+        how = guidance_of(meta, guidance_scale, row["model"])
+        if how:  # conditional: the scale is part of the name, so a re-run at another scale does not reuse samples
+            row["guidance"], row["name"] = how, f"{row['name']}_w{guidance_scale:g}"
     for row in rows:
-        images = run_row(row, out_dir, num_samples, batch_size, seed, torch.device(device))
+        images = run_row(row, out_dir, num_samples, batch_size, seed, torch.device(device), guidance_scale)
         row["fd_pixels"] = round(pixel_fd(images, (rf["mu"], rf["sigma"])), 3)
         for name, fn in (scorers or {}).items():
             row[name] = fn(images)
         print(f"sweep_steps: {row['name']}: FD(pixels) {row['fd_pixels']}", flush=True)
     report = {"teacher": os.path.abspath(teacher), "reference": os.path.abspath(reference),
-              "reference_images": int(ref.shape[0]), "num_samples": num_samples, "seed": seed, "rows": rows}
+              "reference_images": int(ref.shape[0]), "num_samples": num_samples, "seed": seed,
+              "guidance_scale": guidance_scale, "rows": rows}
     save_report(out_dir, report, stem="sweep_steps", markdown=markdown, plot=plot, png="sweep_steps.png")
     return report
+
+
+def _meta(path: str) -> dict[str, Any]:
+    """An export's model.json (UsageError when it cannot be read)."""
+    from trainer.export import json_path_for
+    try:
+        with open(json_path_for(path)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--teacher/--students {path}: not a readable export (its model.json: {e})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict) and isinstance(meta.get("diffusion"), dict)):
+        raise UsageError(f"--teacher/--students {path}: its model.json has no model and diffusion sections")
+    return meta
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -193,6 +248,9 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=0.0,
+                   help="classifier-free guidance scale w of a class-conditional teacher, and the input w of students "
+                        "distilled at sampled scales (default 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", required=True)
     flag(p, "--progress", True, "progress bars")
@@ -212,7 +270,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     md = sweep(a.teacher, a.reference, a.out_dir, students=students, ddim=_ints(a.ddim, "--ddim"),
                ddpm=_ints(a.ddpm, "--ddpm"), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
-               device=a.device)
+               device=a.device, guidance_scale=a.guidance_scale)
     print(markdown(md))
     return 0
 

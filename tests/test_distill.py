@@ -435,3 +435,41 @@ def test_round_plan_and_the_cluster_job_refuses_a_missing_teacher():
     r = subprocess.run(["bash", "cluster/distill.sbatch"], cwd=ROOT, env=dict(env, SLURM_JOB_ID="1"),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "TEACHER= is not a file" in r.stderr, r.stderr
+
+
+def test_sweep_steps_samples_conditional_models_with_labels_and_guidance(setup, tmp_path, capsys):
+    """A class-conditional teacher (CFG at --guidance-scale) beside a student distilled at sampled scales (the scale
+    is its input w): balanced labels, the scale in the rows' names, bad mixes refused with one line."""
+    import numpy as np
+    from evaluations.sweep_steps import main as sweep_main
+    from trainer.export import save_exported
+    torch.manual_seed(2)
+    cfg = micro(16, num_classes=10, guidance_embed=True)
+    student = str(tmp_path / "student.safetensors")
+    save_exported(student, perturbed(cfg.build(), 0.05).state_dict(), cfg.to_dict(),
+                  {"steps": 64, "noise_schedule": "cosine", "learn_sigma": True, "model_mean_type": "v",
+                   "distilled_steps": 2}, step=0, ema="model")
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    sw = str(tmp_path / "sweep")
+
+    def sweep(*extra: str, teacher: str = setup["cond"]) -> int:
+        return sweep_main(["--teacher", teacher, "--students", student, "--reference", ref, "--ddim", "2",
+                           "--num-samples", "6", "--batch-size", "3", "--out-dir", sw, "--no-progress", *extra])
+    assert sweep("--guidance-scale", "2") == 0 and sweep("--guidance-scale", "0") == 0
+    with open(os.path.join(sw, "sweep_steps.json")) as f:
+        report = json.load(f)
+    assert [(r["name"], r["guidance"]) for r in report["rows"]] == [("teacher_ddim2_w0", "conditional"),
+                                                                     ("student2_w0", "input w 0")]
+    s = {w: np.load(os.path.join(sw, "samples", f"teacher_ddim2_w{w}.npz")) for w in (0, 2)}
+    assert s[0]["arr_1"].tolist() == [0, 1, 2, 3, 4, 5] and not np.array_equal(s[0]["arr_0"], s[2]["arr_0"])
+    t = {w: np.load(os.path.join(sw, "samples", f"student2_w{w}.npz"))["arr_0"] for w in (0, 2)}
+    assert not np.array_equal(t[0], t[2])  # the student's input w matters
+    capsys.readouterr()
+    for bad, message in ((lambda: sweep(teacher=setup["teacher"]), "all be class-conditional or all unconditional"),
+                         (lambda: sweep_main(["--teacher", setup["teacher"], "--reference", ref, "--ddim", "2",
+                                              "--out-dir", sw, "--guidance-scale", "1"]), "is unconditional")):
+        with pytest.raises(SystemExit) as e:
+            bad()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
