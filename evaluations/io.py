@@ -19,12 +19,13 @@ from data.cli import ArgumentParser, UsageError, flag
 # ------------------------------------------------------------------------------------------------ models
 
 def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "", *,
-               what: str = "--respace") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+               what: str = "--respace", super_res: bool = False) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Exported weights (trainer.export) -> (model in eval mode on `device`, diffusion, meta).
 
     The diffusion is the one the model was trained with (read from the JSON beside the weights), respaced by
     `respacing` ("" = all T steps, "250", "10,15,20", "ddim50"). A missing or broken file, or a respacing the
     process cannot take, is a UsageError; `what` names the option that set the respacing in that message.
+    A super-resolution model (SuperResModel) is refused unless the caller provides low_res (`super_res`).
     """
     from diffusion import create_diffusion
     from trainer.export import load_exported
@@ -40,9 +41,9 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
         model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"--model {path}: cannot load exported model ({e})") from None
-    if meta["model"].get("super_res"):
-        raise UsageError(f"--model {path}: a super-resolution model needs low-resolution inputs (low_res), which "
-                         f"sampling and NLL here do not provide; call it directly: model(x, t, y, low_res=...)")
+    if meta["model"].get("super_res") and not super_res:
+        raise UsageError(f"--model {path}: a super-resolution model needs low-resolution inputs (low_res); sample "
+                         f"it with evaluations.sample --low-res LOW.npz, or call it: model(x, t, y, low_res=...)")
     try:
         diffusion = create_diffusion(**{**dkw, "timestep_respacing": respacing})
     except ValueError as e:                     # e.g. a respacing that does not divide the process

@@ -97,8 +97,10 @@ def check_options(num_samples: int, batch_size: int, respace: str | None, ddim: 
 
 def sample_batch(diffusion, model, shape: tuple[int, ...], seed: int, *, num_classes: int | None,
                  labels: np.ndarray | None, ddim: bool, eta: float, clip: bool, device: torch.device,
-                 cond_fn: Any = None, conditional_model: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                 cond_fn: Any = None, conditional_model: bool = True, low_res: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One batch: labels (uniform unless given), x_T and step noise from a CPU generator seeded by `seed`.
+    low_res: uint8 [B, h, w, C], the inputs of a super-resolution model (passed to it in [-1, 1], NCHW).
     cond_fn: classifier guidance (labels reach it as y). An unconditional model guided by a classifier
     (conditional_model False) draws its labels from a generator of its own, derive_seed(seed, 1), so that its
     images at guidance scale 0 equal unguided sampling bitwise."""
@@ -109,6 +111,8 @@ def sample_batch(diffusion, model, shape: tuple[int, ...], seed: int, *, num_cla
         gy = g if conditional_model else torch.Generator(device="cpu").manual_seed(derive_seed(seed, 1))
         y = torch.from_numpy(labels) if labels is not None else torch.randint(num_classes, (shape[0],), generator=gy)
         kwargs["y"] = y.to(device)
+    if low_res is not None:
+        kwargs["low_res"] = torch.from_numpy(low_res).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
     noise = torch.randn(shape, generator=g).to(device)
     common = dict(noise=noise, clip_denoised=clip, model_kwargs=kwargs, device=device, generator=g, cond_fn=cond_fn)
     with torch.no_grad():
@@ -129,16 +133,21 @@ class _Job:
     cond_fn: Any = None                 # classifier guidance (diffusion.guidance.classifier_cond_fn), or None
     conditional_model: bool = True      # False: an unconditional model whose labels only steer the classifier
     forwards_per_step: int = 1          # model forwards per sampling step (2: classifier-free guidance)
+    low_res: np.ndarray | None = None   # uint8 [N, h, w, C]: a super-resolution model's inputs, image i's in row i
 
 
 def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: int, respace: str | None,
              ddim: int | None, eta: float, guidance_scale: float | None, labels: str | np.ndarray | None,
              class_label: int | None, seed: int, clip: bool, classifier: str | None = None,
-             classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32") -> _Job:
+             classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32",
+             low_res: str | np.ndarray | None = None) -> _Job:
     from diffusion.guidance import ClassifierFreeGuidance, EmbeddedGuidance
     from trainer.compile import InferenceNet
     respacing = f"ddim{ddim}" if ddim else (respace or "")
-    net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim")
+    net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim", super_res=True)
+    small, small_labels = _low_res(low_res, meta, model, num_samples, compile)
+    if small_labels is not None and labels is None and class_label is None and meta["model"].get("num_classes"):
+        labels = small_labels  # the low-resolution batch's labels (as guided-diffusion's super_res_sample)
     num_classes = meta["model"].get("num_classes")
     conditional, cond_fn, guide = num_classes is not None, None, {}
     if classifier is not None:
@@ -177,12 +186,45 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
                 "guidance_scale": guidance_scale, "clip_denoised": clip, "class_label": class_label,
                 "labels": hashlib.sha256(fixed.tobytes()).hexdigest()[:16] if fixed is not None else None, **guide,
                 **({"precision": precision} if precision != "fp32" else {}),
-                **({"guidance": "embedded"} if embedded else {})}
+                **({"guidance": "embedded"} if embedded else {}),
+                **({"low_res": hashlib.sha256(small.tobytes()).hexdigest()[:16]} if small is not None else {})}
     size = meta["model"]["image_size"]
     if not conditional and classifier is not None:
         net = _DropLabels(net)
     return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings,
-                cond_fn, conditional, 2 if guidance_scale and not embedded else 1)
+                cond_fn, conditional, 2 if guidance_scale and not embedded else 1, small)
+
+
+def _low_res(low_res: str | np.ndarray | None, meta: dict[str, Any], model: str, n: int, compile: bool | str
+             ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A super-resolution model's inputs: (uint8 [n, h, w, C] from an array or a sample batch .npz's arr_0, the
+    batch's arr_1 labels [n] or None); (None, None) for other models. UsageError for a missing or unfit batch."""
+    m = meta["model"]
+    if not m.get("super_res"):
+        if low_res is not None:
+            raise UsageError(f"--low-res is for super-resolution models; --model {model} is not one")
+        return None, None
+    if low_res is None:
+        raise UsageError(f"--model {model} is a super-resolution model: give its low-resolution inputs, "
+                         f"--low-res LOW.npz (arr_0 uint8 [N, h, w, {m.get('in_channels', 3)}], e.g. samples of a "
+                         f"base model)")
+    if compile:
+        raise UsageError("--compile is not supported for super-resolution models yet; drop it")
+    name, ys = f"--low-res {low_res}" if isinstance(low_res, str) else "low_res", None
+    if isinstance(low_res, str):
+        arrays = load_npz(low_res)
+        x, ys = arrays.get("arr_0"), arrays.get("arr_1")
+    else:
+        x = np.asarray(low_res)
+    c, size = m.get("in_channels", 3), m["image_size"]
+    if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != c or not 1 <= x.shape[1] <= size \
+            or not 1 <= x.shape[2] <= size:
+        raise UsageError(f"{name}: expected arr_0 uint8 [N, h, w, {c}] with h, w <= {size}, got "
+                         f"{None if x is None else (x.dtype, x.shape)}")
+    if len(x) < n:
+        raise UsageError(f"{name}: holds {len(x)} images but --num-samples is {n}")
+    ok = ys is not None and ys.ndim == 1 and len(ys) >= n and np.issubdtype(ys.dtype, np.integer)
+    return np.ascontiguousarray(x[:n]), (ys[:n].astype(np.int64) if ok else None)
 
 
 class _DropLabels:
@@ -293,7 +335,8 @@ def _sample_share(job: _Job, todo: list[int], *, n: int, bs: int, seed: int, ddi
         imgs, ys = sample_batch(job.diffusion, job.net, (m, *job.shape), derive_seed(seed, b),
                                 num_classes=job.num_classes, ddim=ddim, eta=eta, clip=clip, device=device,
                                 cond_fn=job.cond_fn, conditional_model=job.conditional_model,
-                                labels=None if job.labels is None else job.labels[b * bs:b * bs + m])
+                                labels=None if job.labels is None else job.labels[b * bs:b * bs + m],
+                                low_res=None if job.low_res is None else job.low_res[b * bs:b * bs + m])
         if parts is None:
             kept[b] = (imgs, ys)
         else:
@@ -343,7 +386,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
            clip: bool = True, device: str | None = None, threads: int | None = None, progress: bool = True,
            parts_dir: str | None = None, reuse: str | None = None, classifier: str | None = None,
            classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32",
-           force_unlock: bool = False) -> Samples | None:
+           force_unlock: bool = False, low_res: str | np.ndarray | None = None) -> Samples | None:
     """Draw `num_samples` images from exported weights `model` on every rank of the launch; rank 0 gets them.
 
     respace: respaced DDPM ("250", "10,15,20"); ddim: DDIM with this many steps and `eta`; guidance_scale: w of
@@ -361,6 +404,9 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     compile: torch.compile the model (True or a mode of trainer.compile.MODES), warmed up on every batch shape
     before the timer starts; precision: "fp32" or "bf16" (autocast, where the device supports it); CUDA runs
     channels_last (trainer.compile.InferenceNet).
+    low_res: a super-resolution model's inputs (required for one, refused for others): uint8 [>= N, h, w, C], an
+    array or a .npz whose arr_0 holds them (e.g. a base model's samples; its arr_1 labels are used when neither
+    `labels` nor `class_label` is given); image i upsamples low_res[i].
     With several ranks a gloo process group is opened and left open (`evaluations.dist.shutdown` closes it).
     Returns `Samples` on rank 0 and None on the other ranks.
     """
@@ -370,7 +416,7 @@ def sample(model: str, num_samples: int, *, batch_size: int = 16, respace: str |
     job = _prepare(model, dev, num_samples=num_samples, batch_size=batch_size, respace=respace, ddim=ddim,
                    eta=eta, guidance_scale=guidance_scale, labels=labels, class_label=class_label, seed=seed,
                    clip=clip, classifier=classifier, classifier_scale=classifier_scale, compile=compile,
-                   precision=precision)
+                   precision=precision, low_res=low_res)
     if reuse is not None and (done := _finished(reuse, job.settings)) is not None:
         if not ranks.is_main:
             return None
@@ -438,6 +484,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--classifier-scale", type=float, default=None,
                    help="classifier guidance scale s (default 1 with --classifier; 0 = unguided)")
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
+    p.add_argument("--low-res", default=None, metavar="LOW.npz",
+                   help="super-resolution models: their low-resolution inputs, arr_0 uint8 [N, h, w, 3] (e.g. the "
+                        "samples of a 64 px model; their arr_1 labels are used unless --labels/--class-label)")
     p.add_argument("--force-unlock", action="store_true",
                    help="take OUT.parts.lock even if another sampler seems to hold it (its process is dead on another "
                         "host); a holder that is gone on this host or silent for long is taken over without it")
@@ -458,7 +507,7 @@ def _main(argv: list[str] | None) -> int:
                    clip=a.clip, device=a.device, threads=a.threads, progress=a.progress, parts_dir=parts,
                    reuse=None if os.path.isdir(parts) else a.out, classifier=a.classifier,
                    classifier_scale=1.0 if a.classifier_scale is None else a.classifier_scale, compile=a.compile,
-                   precision=a.precision, force_unlock=a.force_unlock)
+                   precision=a.precision, force_unlock=a.force_unlock, low_res=a.low_res)
     finally:
         dist.shutdown()
     if s is None:

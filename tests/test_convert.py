@@ -135,6 +135,63 @@ def test_converted_model_samples_and_refuses_guidance(tmp_path):
         sample(path, 2, guidance_scale=2.0, progress=False)
 
 
+def test_superres_samples_from_low_res_inputs_like_guided_diffusion(tmp_path):
+    """A converted SuperResModel: guided-diffusion's p_sample_loop and ours with low_res in model_kwargs agree; then
+    evaluations.sample --low-res LOW.npz upsamples a batch (its labels, image i from low_res[i]); bad input."""
+    from diffusion import create_diffusion
+    from evaluations.sample import main as sample_main, sample
+    flags, build, _, _ = CASES["superres"]
+    ref = _random(build(), seed=4)
+    with torch.no_grad():
+        ref.out[2].weight.mul_(0.1)
+    ours, dkw, meta = _convert(tmp_path, "superres", ref, flags)
+    assert meta["model"]["super_res"] is True
+    gd = gd_script.create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="5")
+    mine = create_diffusion(**dkw, timestep_respacing="5")
+    g = torch.Generator().manual_seed(2)
+    shape, low = (2, 3, 32, 32), torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    x_T = torch.randn(shape, generator=g)
+    torch.manual_seed(7)
+    want = gd.p_sample_loop(ref, shape, noise=x_T, clip_denoised=True, model_kwargs={"low_res": low})
+    torch.manual_seed(7)
+    got = mine.p_sample_loop(ours, shape, noise=x_T, clip_denoised=True, model_kwargs={"low_res": low})
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    path, lows = str(tmp_path / "superres.safetensors"), str(tmp_path / "low.npz")
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(lows, arr_0=small)
+    a = sample(path, 3, batch_size=2, respace="5", low_res=lows, progress=False)
+    b = sample(path, 3, batch_size=2, respace="5", low_res=small[[1, 0, 2]], progress=False)
+    assert a.images.shape == (3, 32, 32, 3) and a.labels is None
+    assert np.array_equal(a.images[2], b.images[2]) and not np.array_equal(a.images[0], b.images[0])
+    out = str(tmp_path / "up.npz")
+    assert sample_main(["--model", path, "--low-res", lows, "--num-samples", "2", "--respace", "5", "--out", out,
+                        "--no-progress"]) == 0 and np.load(out)["arr_0"].shape == (2, 32, 32, 3)
+    for kw, message in (({}, "is a super-resolution model: give its low-resolution inputs"),
+                        ({"low_res": small[:2]}, "holds 2 images but --num-samples is 3"),
+                        ({"low_res": small[..., :1]}, r"expected arr_0 uint8 \[N, h, w, 3\]"),
+                        ({"low_res": lows, "compile": True}, "--compile is not supported for super-resolution")):
+        with pytest.raises(UsageError, match=message):
+            sample(path, 3, respace="5", progress=False, **kw)
+    flags, build, _, _ = CASES["improved_cond"]
+    _convert(tmp_path, "improved_cond", _random(build()), flags)
+    with pytest.raises(UsageError, match="--low-res is for super-resolution models"):
+        sample(str(tmp_path / "improved_cond.safetensors"), 3, class_label=1, low_res=lows, progress=False)
+    from diffusion.presets import get_config  # a class-conditional one takes the low-res batch's labels
+    from trainer.export import save_exported
+    cfg = get_config("tiny16", num_classes=10, super_res=True, image_size=32)
+    cond = str(tmp_path / "cond_sr.safetensors")
+    save_exported(cond, cfg.build().state_dict(), cfg.to_dict(), dkw, step=0, ema="model")
+    np.savez(lows, arr_0=small, arr_1=np.array([7, 2, 9]))
+    assert sample(cond, 3, respace="5", low_res=lows, progress=False).labels.tolist() == [7, 2, 9]
+    assert sample(cond, 3, respace="5", low_res=lows, class_label=4, progress=False).labels.tolist() == [4, 4, 4]
+    from evaluations.nll import main as nll_main
+    with pytest.raises(SystemExit) as e:
+        nll_main(["--model", path, "--data", lows, "--out-dir", str(tmp_path / "nll")])
+    assert e.value.code == 2
+
+
 class _Code:
     def __reduce__(self):
         return (print, ("code ran",))
