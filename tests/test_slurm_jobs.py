@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
@@ -84,6 +85,22 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
                  TRAIN_ARGS=f"{TINY} --save-every 4", NUM_SAMPLES="16", SAMPLE_BATCH="16",
                  SAMPLE_ARGS="--respace 5", EVAL_ARGS="--features standin --k 2 --splits 2",
                  NLL_ARGS="--respace 5 --num-images 16 --batch-size 16"))
+
+    # 2b. progressive distillation on two nodes: a random tiny16 epsilon teacher, v-conversion at 4 steps, 4 -> 2
+    from diffusion.presets import get_config
+    from trainer.export import save_exported
+    torch.manual_seed(0)
+    cfg = get_config("tiny16", num_classes=None)
+    jobs["teacher"] = str(root / "teacher.safetensors")
+    save_exported(jobs["teacher"], cfg.build().state_dict(), cfg.to_dict(),
+                  {"steps": 100, "noise_schedule": "cosine", "learn_sigma": True}, step=0, ema="model")
+    jobs["distill_dir"], jobs["distill_out"] = root / "distill", root / "distill.out"
+    jobs["distill"] = slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", *CPU_JOB, f"--output={jobs['distill_out']}", "cluster/distill.sbatch",
+        cwd=REPO, env=dict(env, TEACHER=jobs["teacher"], DATA=str(data / "train-manifest.json"),
+                           OUT_DIR=str(jobs["distill_dir"]), TEACHER_STEPS="4", FINAL_STEPS="2",
+                           STEPS_PER_ROUND="2", TRAIN_ARGS="--global-batch 4 --lr 1e-4 --ema 0.5 --log-every 1 "
+                           "--save-every 2 --sample-grid 2 --sample-respacing 2"))
 
     # 3. the chained pipeline: prepare (digits) -> train -> sample -> evaluate
     pipe = root / "pipe"
@@ -206,6 +223,18 @@ def test_sweep_array_trains_two_presets_and_writes_the_summary(slurm_cluster: Sl
     assert (sweep / "summary" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     md = (sweep / "summary" / "scaling.md").read_text()
     assert "| tiny16 | tiny16 |" in md and "| tiny32 | tiny32 |" in md
+
+
+def test_distillation_job_runs_its_rounds_on_two_nodes(slurm_cluster: SlurmCluster, work: dict) -> None:
+    rec = slurm_cluster.wait(work["distill"], timeout=480)[0]
+    log = work["distill_out"].read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["NumTasks"] == "2", (slurm_cluster.history, log)
+    plan = json.loads((work["distill_dir"] / "distill.json").read_text())
+    assert [(r["teacher_steps"], r["student_steps"]) for r in plan["rounds"]] == [(4, 4), (4, 2)], plan
+    assert plan["images"] == 2 * 2 * 4 and os.path.isfile(plan["final"]), plan
+    ranks = re.findall(r"rank_env: rank (\d)/2 \(local 0\) on (node\d)", log)  # two rounds, one rank per node
+    assert sorted(ranks) == [("0", "node1"), ("0", "node1"), ("1", "node2"), ("1", "node2")], log
+    assert "distillation finished" in log
 
 
 def test_pipeline_chains_prepare_train_sample_evaluate_with_afterok(slurm_cluster: SlurmCluster,
