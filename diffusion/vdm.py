@@ -260,9 +260,32 @@ def sample(net: VDMNet, noise: torch.Tensor, steps: int, *, y: torch.Tensor | No
         c = -torch.expm1(gs - gt)
         (at, st), (as_, ss) = alpha_sigma(gt), alpha_sigma(gs)
         e = net.eps(z, gt.expand(B), y).float()
-        z = as_ / at * (z - st * c * e) + ss * c.sqrt() * torch.randn(z.shape, generator=generator, device=dev)
+        eps = torch.randn(z.shape, generator=generator, device=generator.device if generator else dev).to(dev)
+        z = as_ / at * (z - st * c * e) + ss * c.sqrt() * eps
     a0, _ = alpha_sigma(net["schedule"](torch.zeros(1, device=dev)).gamma_min.float())
     return ((z / a0).clamp(-1, 1) * 127.5 + 127.5).round() / 127.5 - 1
+
+
+class AncestralSampler:
+    """`sample` behind GaussianDiffusion's p_sample_loop interface (what evaluations.sample calls), `steps` equal
+    steps of t; num_timesteps = steps (model forwards per image)."""
+
+    def __init__(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.num_timesteps = int(steps)
+
+    @torch.no_grad()
+    def p_sample_loop(self, model: VDMNet, shape: tuple[int, ...], *, noise: torch.Tensor | None = None,
+                      model_kwargs: dict | None = None, device: Any = None, generator: torch.Generator | None = None,
+                      cond_fn: Any = None, progress: bool = False, **_: Any) -> torch.Tensor:
+        """[B, C, H, W] samples in [-1, 1] (on the 256-level grid); clip_denoised and the like do not apply."""
+        if cond_fn is not None:
+            raise ValueError("classifier guidance is not implemented for VDM sampling")
+        if noise is None:
+            noise = torch.randn(shape, generator=generator).to(device or "cpu")
+        y = (model_kwargs or {}).get("y")
+        return sample(model, noise, self.num_timesteps, y=y, generator=generator, progress=progress)
 
 
 def snr_curves(schedule: nn.Module, n: int = 201) -> dict[str, Any]:

@@ -34,9 +34,9 @@ def load_model(path: str, device: str | torch.device = "cpu", respacing: str = "
     if _export_kind(path) == "encoder_classifier":
         raise UsageError(f"--model {path} is a classifier, not a diffusion model; pass it as --classifier")
     from evaluations.vdm_nll import is_vdm
-    if is_vdm(path):  # a VDMNet (trainer.vdm): bits/dim through evaluations.nll, samples via diffusion.vdm.sample
-        raise UsageError(f"--model {path} is a Variational Diffusion Model: only evaluations.nll takes it so far "
-                         f"(sample from Python with diffusion.vdm.sample)")
+    if is_vdm(path):  # a VDMNet (trainer.vdm): evaluations.sample and evaluations.nll have their own routes
+        raise UsageError(f"--model {path} is a Variational Diffusion Model: evaluations.sample (--respace N) and "
+                         f"evaluations.nll take it, this tool does not")
     try:
         model, dkw, meta = load_exported(path, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:

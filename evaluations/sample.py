@@ -34,6 +34,7 @@ import torch
 from data.cli import ArgumentParser, UsageError, run_cli
 from data.fsio import atomic_save_npz, atomic_write_json
 from data.runlock import LockHeld, RunLock
+from evaluations.vdm_nll import is_vdm
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model, load_npz
@@ -144,7 +145,12 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
     from diffusion.guidance import ClassifierFreeGuidance, EmbeddedGuidance
     from trainer.compile import InferenceNet
     respacing = f"ddim{ddim}" if ddim else (respace or "")
-    net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim", super_res=True)
+    vdm = is_vdm(model)
+    if vdm:
+        net, diffusion, meta = _load_vdm(model, device, respace, ddim, guidance_scale, classifier, compile, precision)
+        respacing = str(diffusion.num_timesteps)
+    else:
+        net, diffusion, meta = load_model(model, device, respacing, what="--respace/--ddim", super_res=True)
     small, small_labels = _low_res(low_res, meta, model, num_samples, compile)
     if small_labels is not None and labels is None and class_label is None and meta["model"].get("num_classes"):
         labels = small_labels  # the low-resolution batch's labels (as guided-diffusion's super_res_sample)
@@ -163,7 +169,8 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
             raise UsageError(f"--class-label {class_label}: must lie in [0, {num_classes - 1}]")
         else:
             fixed = np.full(num_samples, class_label, dtype=np.int64)
-    net = InferenceNet(net, device, compile=compile, precision=precision)  # after the classifier took its dtype
+    if not vdm:  # (a VDM samples through diffusion.vdm.sample, which needs the VDMNet itself)
+        net = InferenceNet(net, device, compile=compile, precision=precision)  # after the classifier took its dtype
     embedded = bool(meta["model"].get("guidance_embed"))
     if embedded:  # the scale is the model's input w: one forward per step
         if guidance_scale is None:
@@ -193,6 +200,23 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
         net = _DropLabels(net)
     return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings,
                 cond_fn, conditional, 2 if guidance_scale and not embedded else 1, small)
+
+
+def _load_vdm(model: str, device: torch.device, respace: str | None, ddim: int | None, guidance_scale: float | None,
+              classifier: str | None, compile: bool | str, precision: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A Variational Diffusion Model (trainer.vdm) -> (VDMNet, its ancestral sampler, meta): `--respace N` equal
+    steps of t (default 1000); DDIM, guidance, --compile and bf16 are refused with one line."""
+    from diffusion.vdm import AncestralSampler
+    from evaluations.vdm_nll import load_vdm
+    for given, flag in ((ddim, "--ddim"), (guidance_scale, "--guidance-scale"), (classifier, "--classifier"),
+                        (compile, "--compile"), (precision != "fp32", "--precision bf16")):
+        if given:
+            raise UsageError(f"--model {model} is a Variational Diffusion Model: it samples with ancestral steps "
+                             f"(--respace N) only; drop {flag}")
+    if respace is not None and not (respace.isdigit() and int(respace) >= 1):
+        raise UsageError(f"--respace {respace}: a VDM takes a number of equal steps of t, e.g. --respace 256")
+    net, meta = load_vdm(model, device)
+    return net, AncestralSampler(int(respace) if respace else 1000), meta
 
 
 def _low_res(low_res: str | np.ndarray | None, meta: dict[str, Any], model: str, n: int, compile: bool | str

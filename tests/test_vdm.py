@@ -242,3 +242,30 @@ def test_fourier_option_bad_input_is_one_usage_error() -> None:
     for bad in ("abc", "6;7", "40"):
         with pytest.raises(UsageError, match=r"--fourier"):
             parse_fourier(bad)
+
+
+def test_evaluations_sample_draws_from_an_exported_vdm(tmp_path) -> None:
+    """evaluations.sample takes an exported VDM: --respace N ancestral steps, the same images as diffusion.vdm.sample
+    from the same seeds; DDIM, guidance and a respacing that is not a step count are refused with one line."""
+    from data.cli import UsageError
+    from data.seeds import derive_seed
+    from evaluations.sample import sample as sample_cli, to_uint8
+    from trainer.export import save_exported
+    cfg = dict(SMALL, in_channels=3)
+    torch.manual_seed(0)
+    net = build_vdm(cfg, "learned")
+    with torch.no_grad():
+        for p in net["unet"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = str(tmp_path / "vdm.safetensors")
+    save_exported(path, net.state_dict(), cfg, {"kind": "vdm", "schedule": "learned", "gamma_min": -13.3,
+                                                "gamma_max": 5.0, "fourier": [], "loss_steps": 0}, step=0, ema="model")
+    s = sample_cli(path, 3, batch_size=2, respace="4", seed=5, progress=False)
+    assert s.images.shape == (3, 8, 8, 3) and s.report["model_steps_per_image"] == 4
+    g = torch.Generator().manual_seed(derive_seed(5, 0))
+    want = to_uint8(sample(net.eval(), torch.randn(2, 3, 8, 8, generator=g), 4, generator=g))
+    assert np.array_equal(s.images[:2], want)
+    for kw, message in (({"ddim": 4}, "drop --ddim"), ({"guidance_scale": 1.0}, "drop --guidance-scale"),
+                        ({"respace": "ddim4"}, "a VDM takes a number of equal steps")):
+        with pytest.raises(UsageError, match=message):
+            sample_cli(path, 2, progress=False, **kw)
