@@ -15,7 +15,8 @@ The network sees gamma(t), not t, so that with eps_hat a function of (z, gamma) 
 0.5 * integral over gamma in [gamma_min, gamma_max] of E||eps - eps_hat||^2: it depends on the schedule only
 through its endpoints (VDM eq. 18). The interior shape changes only the variance of the Monte-Carlo estimate; the
 learned schedule's shape is therefore trained to minimise E[L_diffusion^2] (gradient 2 L dL/d(shape), applied by a
-gradient hook on the shape's outputs), its endpoints and the UNet to minimise the bound itself.
+gradient hook on the shape tensors inside the schedule's forward: `GradScale`), its endpoints and the UNet to minimise
+the bound itself.
 
 Schedules: `learned` (VDM's monotone network: positive-weight linear term plus a 1024-unit sigmoid branch, rescaled
 to the learned endpoints), `cosine` (Improved DDPM's alpha_bar = cos^2(phi(t)), phi linear in t) and `linear`
@@ -40,12 +41,37 @@ DDPM_BETA = (0.1, 20.0)                    # DDPM's 1e-4..0.02 at T = 1000 as co
 
 class Gamma(NamedTuple):
     """A schedule evaluated at t [N]: gamma(t), d gamma/dt [N], the endpoints gamma_min, gamma_max [1], and the
-    tensors through which the learned shape (not the endpoints) enters (empty for fixed schedules)."""
+    tensors through which the learned shape (not the endpoints) enters (empty for fixed schedules; for inspection:
+    the variance gradient is applied inside the schedule's forward, see `GradScale`)."""
     gamma: torch.Tensor
     dgamma: torch.Tensor
     gamma_min: torch.Tensor
     gamma_max: torch.Tensor
     shape: tuple[torch.Tensor, ...]
+
+
+class GradScale:
+    """Per-image factors k [B] that multiply the gradient reaching a learned schedule's shape in backward.
+
+    The factor (2 L_diffusion, the VDM variance gradient) is known only after the forward, so a schedule `attach`es
+    this object's hook to the shape tensors *inside* its forward, on the tensors gamma(t) is actually computed from,
+    and the caller sets `k` before backward. Hooks on the schedule's returned tensors would not do: a wrapper may
+    replace a module's outputs by new tensors (DeepSpeed ZeRO-3 passes every output tensor through an identity
+    autograd function to fetch parameters before the module's backward), and a hook on a replaced tensor that
+    nothing downstream uses never fires: the shape then silently got the plain loss gradient under ZeRO-3."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+
+    def attach(self, v: torch.Tensor) -> None:
+        """Scale the gradient of v [m B] (m copies of the B images, image-major blocks) by k, repeated m times."""
+        if v.requires_grad:
+            v.register_hook(self._scale)
+
+    def _scale(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.k is None:
+            raise RuntimeError("GradScale: backward reached the schedule's shape before k was set")
+        return grad * self.k.repeat(grad.shape[0] // self.k.shape[0]).to(grad.dtype)
 
 
 class FixedSchedule(nn.Module):
@@ -108,12 +134,17 @@ class LearnedSchedule(nn.Module):
         dh = w1 + (4 * sig * (1 - sig) * w2) @ w3
         return h, dh
 
-    def forward(self, t: torch.Tensor) -> Gamma:
+    def forward(self, t: torch.Tensor, grad_scale: GradScale | None = None) -> Gamma:
+        """t [N] -> Gamma at t; with `grad_scale`, the gradient reaching the shape (s, ds) is multiplied by its
+        per-image factors (the endpoints' gradient is not)."""
         dtype = t.dtype
         t = t.float()
         h, dh = self._h(torch.cat([t, t.new_tensor([0.0, 1.0])]))
         span = h[-1] - h[-2]
         s, ds = (h[:-2] - h[-2]) / span, dh[:-2] / span                     # shape in [0, 1] and its slope
+        if grad_scale is not None:
+            grad_scale.attach(s)
+            grad_scale.attach(ds)
         g0 = self.gamma_min.float()
         width = F.softplus(self.log_range.float())
         return Gamma((g0 + width * s).to(dtype), (width * ds).to(dtype), g0, g0 + width, (s, ds))
@@ -172,7 +203,8 @@ class VDMNet(nn.ModuleDict):
     forward(x [B, C, H, W] in [-1, 1], t [B] in [0, 1], noise [B, C, H, W], y=None, steps=0, variance_grad=True)
     -> [B, 5] = (L_diffusion, L_prior, L_recon in nats, gamma_min, gamma_max); steps = 0 the continuous-time
     loss, T > 0 the T-step loss at t rounded up to the grid i/T. With variance_grad the schedule's shape receives
-    the gradient of the mean of L_diffusion^2 instead of L_diffusion (the endpoints and the UNet are unaffected).
+    the gradient of the mean of L_diffusion^2 instead of L_diffusion (the endpoints and the UNet are unaffected),
+    scaled inside the schedule's forward (`GradScale`), so that it survives wrappers that replace module outputs.
     Everything runs inside this forward, so ZeRO-3 gathers each submodule's parameters when they are used."""
 
     def __init__(self, unet: nn.Module, schedule: nn.Module, fourier: Sequence[int] = ()) -> None:
@@ -185,16 +217,18 @@ class VDMNet(nn.ModuleDict):
         return self["unet"](fourier_features(z, self.fourier), cond, y)
 
     def terms(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
-              steps: int = 0) -> tuple[torch.Tensor, Gamma]:
-        """The bound's terms [B, 3] (L_diffusion, L_prior, L_recon; nats per image) and the schedule's values."""
+              steps: int = 0, grad_scale: GradScale | None = None) -> tuple[torch.Tensor, Gamma]:
+        """The bound's terms [B, 3] (L_diffusion, L_prior, L_recon; nats per image) and the schedule's values;
+        `grad_scale` goes to a learned schedule (see `GradScale`)."""
         B = x.shape[0]
+        kw = {} if grad_scale is None else {"grad_scale": grad_scale}
         if steps:
             ti = (torch.floor(t * steps) + 1).clamp(max=steps) / steps     # t rounded up to the grid i/T, i >= 1
-            g = self["schedule"](torch.cat([ti, ti - 1.0 / steps]))
+            g = self["schedule"](torch.cat([ti, ti - 1.0 / steps]), **kw)
             gt, gs = g.gamma[:B], g.gamma[B:]
             weight = 0.5 * steps * torch.expm1(gt - gs)
         else:
-            g = self["schedule"](t)
+            g = self["schedule"](t, **kw)
             gt, weight = g.gamma, 0.5 * g.dgamma
         a, s = alpha_sigma(gt.float().view(B, 1, 1, 1))
         z = a * x.float() + s * noise
@@ -208,12 +242,11 @@ class VDMNet(nn.ModuleDict):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
                 steps: int = 0, variance_grad: bool = True) -> torch.Tensor:
-        out, g = self.terms(x, t, noise, y, steps)
-        if variance_grad and g.shape and torch.is_grad_enabled():
-            scale = 2 * out[:, 0].detach() * NATS_TO_BITS / x[0].numel()   # 2 L in bits/dim, per image
-            for v in g.shape:
-                k = scale.repeat(v.shape[0] // scale.shape[0]).to(v.dtype)
-                v.register_hook(lambda grad, k=k: grad * k)
+        learned = isinstance(self["schedule"], LearnedSchedule)
+        scale = GradScale() if variance_grad and learned and torch.is_grad_enabled() else None
+        out, g = self.terms(x, t, noise, y, steps, scale)
+        if scale is not None:
+            scale.k = 2 * out[:, 0].detach() * NATS_TO_BITS / x[0].numel()  # 2 L in bits/dim, per image [B]
         ends = torch.cat([g.gamma_min, g.gamma_max]).float().expand(x.shape[0], 2)
         return torch.cat([out, ends], 1)
 

@@ -6,7 +6,23 @@ image = (L_diffusion + L_prior + L_recon) / (D ln 2) (diffusion.vdm). The model 
 ModuleDict {unet, schedule} whose forward computes the whole bound, so that DeepSpeed (any ZeRO stage) sees one
 module and one backward: the UNet and the schedule's endpoints get the gradient of the bound, the schedule's
 interior shape that of E[L_diffusion^2] (the variance of the estimate; the bound itself does not depend on it), by
-a gradient hook inside the forward. No state beyond the weights.
+a gradient hook inside the schedule's forward (`diffusion.vdm.GradScale`). No state beyond the weights.
+
+ZeRO stages agree. Until 2026-12 the hook sat on the tensors the schedule returned. ZeRO-3 replaces every module
+output by a new tensor (an identity autograd function that gathers the parameters before the module's backward), so
+the hooked tensors were off the loss's path, the hook never fired, and under ZeRO-3 alone the shape got the plain
+loss gradient: its step-1 gradients ~100% off, the weights 4e-3 (2 lr) apart after one step and 9e-3 after six, grad
+norm 8.5447 vs 8.5473 (ZeRO-0/1/2 were right). Now (tiny16, 2 ranks, fp32, batch 8, lr 2e-3, digits) the step-1
+gradients of ZeRO-0, 2 and 3 are bitwise equal (2 micro-batches per rank: <= 6e-8 relative), the weights after one
+step differ by <= 6e-8 (an ulp; Adam's first update is lr g/(|g| + eps), about +-lr) and the grad norms of six steps
+by <= 2e-6 relative. The weights then drift to 2.5e-5 (ZeRO-1/2) and 5e-5 (ZeRO-3) apart after six steps, as the
+iddpm objective's do with the same flags (ZeRO-3 vs 0: 2.6e-6 after two steps, 1.7e-5 after six). That is rounding,
+amplified: the stages round differently (clip coefficient c/(n + 1e-6) vs 1/((n + 1e-6)/c), Adam over one flat
+buffer), so the gradients differ by ~2e-7 relative from step 2 or 3 on, and Adam multiplies the absolute rounding error
+of the few gradient elements with |g| ~ eps = 1e-8 (5 decades below the median) by up to lr/eps = 2e5: single
+elements jump once (a UNet weight by 3.8e-6 at step 3, constant after) and the schedule's 1024-unit branch collects
+such jumps (b2: 12 elements above 1e-7 at step 3, 70 at step 6, max 2.5e-5). tests/test_vdm_train.py compares ZeRO-0
+and ZeRO-3 after one step (1e-6) and their grad norms (1e-5).
 """
 from __future__ import annotations
 
