@@ -221,7 +221,8 @@ def test_upsample_kernel_cache_is_bitwise_and_follows_weight_changes(channels_la
         ref = up(x, None)
         set_inference_caches(up)
         assert torch.equal(up(x, None), ref) and up._kernel is not None
-        assert torch.equal(up(x, None), ref)  # from the cache
+        out = up(x, None)  # from the cache
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
         up.weight.mul_(2.0)  # in place: the version counter moves
         out = up(x, None)
         assert torch.equal(out, _uncached(up, x)) and not torch.equal(out, ref)
