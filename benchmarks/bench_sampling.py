@@ -182,7 +182,8 @@ def machine() -> dict[str, Any]:
 
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     a, m = res["args"], res["machine"]
-    fmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
+    num = lambda v: f"{v:.2f}" if v >= 1 else f"{v:.3g}"  # noqa: E731  (3 digits for slow presets: 0.0812)
+    fmt = lambda s: f"{num(s['median'])} ({num(s['min'])}-{num(s['max'])})"  # noqa: E731
     lines = [f"# Sampling throughput: evaluations.sample vs diffusers ({a['preset']}, batch {a['batch']})", "",
              f"{m['date']}; {m['cpu']}, {m['nproc']} CPUs, torch {m['torch']}, {a['threads']} threads, "
              f"{a['rounds']} rounds; load average before {res['load_before']}, after {res['load_after']}.",
@@ -194,7 +195,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         cells = [fmt(s[v]) for v in res["variants"]]
         cells += [fmt(s[k]) if k in s else "-" for k in ("eager/diffusers", "compiled/diffusers", "compiled/eager")]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    lines += ["", f"Compile (first call, warm-up outside the timed region): {res.get('compile_seconds')} s.", ""]
+    lines += ["", f"Compile (first call, warm-up outside the timed region): {res['compile_seconds']} s." if
+              res.get("compile_seconds") is not None else "No compiled variant.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
