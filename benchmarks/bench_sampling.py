@@ -183,7 +183,8 @@ def machine() -> dict[str, Any]:
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     a, m = res["args"], res["machine"]
     num = lambda v: f"{v:.2f}" if v >= 1 else f"{v:.3g}"  # noqa: E731  (3 digits for slow presets: 0.0812)
-    fmt = lambda s: f"{num(s['median'])} ({num(s['min'])}-{num(s['max'])})"  # noqa: E731
+    fmt = lambda s: f"{num(s['median'])} ({num(s['min'])}-{num(s['max'])})"  # noqa: E731  images/s
+    rfmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731  ratios
     lines = [f"# Sampling throughput: evaluations.sample vs diffusers ({a['preset']}, batch {a['batch']})", "",
              f"{m['date']}; {m['cpu']}, {m['nproc']} CPUs, torch {m['torch']}, {a['threads']} threads, "
              f"{a['rounds']} rounds; load average before {res['load_before']}, after {res['load_after']}.",
@@ -193,7 +194,7 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
              "|---|" + "---:|" * (len(res["variants"]) + 3)]
     for case, s in res["summary"].items():
         cells = [fmt(s[v]) for v in res["variants"]]
-        cells += [fmt(s[k]) if k in s else "-" for k in ("eager/diffusers", "compiled/diffusers", "compiled/eager")]
+        cells += [rfmt(s[k]) if k in s else "-" for k in ("eager/diffusers", "compiled/diffusers", "compiled/eager")]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     lines += ["", f"Compile (first call, warm-up outside the timed region): {res['compile_seconds']} s." if
               res.get("compile_seconds") is not None else "No compiled variant.", ""]
