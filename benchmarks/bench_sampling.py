@@ -37,6 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [("ddpm", 250, False), ("ddim", 50, False), ("ddpm", 250, True), ("ddim", 50, True)]
+CASE_NAMES = ("ddpm", "ddim", "ddpm+cfg", "ddim+cfg")  # --cases names of CASES, in order
 VARIANTS = ("eager", "compiled", "diffusers")
 
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default: all)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--cases", default=",".join(CASE_NAMES),
+                   help=f"comma list of {', '.join(CASE_NAMES)} (default: all four)")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply the 250/50 steps (e.g. 0.04 for a quick check: 10 and 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -133,8 +136,9 @@ def run_rounds(a: argparse.Namespace, path: str, folder: str, mcfg: dict[str, An
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loop = DiffusersLoop(folder, device) if "diffusers" in variants else None
     shape, rows = (mcfg.get("in_channels", 3), mcfg["image_size"], mcfg["image_size"]), []
+    cases = [c for c, name in zip(CASES, CASE_NAMES) if name in a.cases.split(",")]
     for r in range(a.rounds):
-        for ci, (method, steps, guided) in enumerate(CASES):
+        for ci, (method, steps, guided) in enumerate(cases):
             steps = max(1, round(steps * a.steps_scale))
             w = a.guidance if guided else 0.0
             k = (r + ci) % len(variants)
@@ -178,7 +182,9 @@ def machine() -> dict[str, Any]:
 
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     a, m = res["args"], res["machine"]
-    fmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
+    num = lambda v: f"{v:.2f}" if v >= 1 else f"{v:.3g}"  # noqa: E731  (3 digits for slow presets: 0.0812)
+    fmt = lambda s: f"{num(s['median'])} ({num(s['min'])}-{num(s['max'])})"  # noqa: E731  images/s
+    rfmt = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731  ratios
     lines = [f"# Sampling throughput: evaluations.sample vs diffusers ({a['preset']}, batch {a['batch']})", "",
              f"{m['date']}; {m['cpu']}, {m['nproc']} CPUs, torch {m['torch']}, {a['threads']} threads, "
              f"{a['rounds']} rounds; load average before {res['load_before']}, after {res['load_after']}.",
@@ -188,9 +194,10 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
              "|---|" + "---:|" * (len(res["variants"]) + 3)]
     for case, s in res["summary"].items():
         cells = [fmt(s[v]) for v in res["variants"]]
-        cells += [fmt(s[k]) if k in s else "-" for k in ("eager/diffusers", "compiled/diffusers", "compiled/eager")]
+        cells += [rfmt(s[k]) if k in s else "-" for k in ("eager/diffusers", "compiled/diffusers", "compiled/eager")]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    lines += ["", f"Compile (first call, warm-up outside the timed region): {res.get('compile_seconds')} s.", ""]
+    lines += ["", f"Compile (first call, warm-up outside the timed region): {res['compile_seconds']} s." if
+              res.get("compile_seconds") is not None else "No compiled variant.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if not variants or any(v not in VARIANTS for v in variants):
         from data.cli import die
         die(f"--variants {a.variants!r}: choose from {', '.join(VARIANTS)}", "bench_sampling")
+    if not a.cases or any(c not in CASE_NAMES for c in a.cases.split(",")):
+        from data.cli import die
+        die(f"--cases {a.cases!r}: choose from {', '.join(CASE_NAMES)}", "bench_sampling")
     torch.set_num_threads(a.threads)
     res: dict[str, Any] = {"args": vars(a), "variants": variants, "machine": machine(),
                            "command": "python -m benchmarks.bench_sampling " + " ".join(sys.argv[1:] if argv is None

@@ -205,36 +205,52 @@ class GaussianDiffusion:
         pred_xstart [B,...] (clipped to [-1,1] if clip_denoised), model_output (raw). `model_output` skips the
         forward call."""
         self._check_t(t, x)
+        return self._p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                     model_kwargs=model_kwargs, model_output=model_output)
+
+    def _p_mean_variance(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool,
+                         denoised_fn: Callable | None, model_kwargs: dict | None,
+                         model_output: torch.Tensor | None = None, variance: bool = True) -> dict[str, torch.Tensor]:
+        """p_mean_variance without the range check of t (a device sync); variance=False leaves out "variance"
+        (an exp over [B,...] for a learned variance, needed only by classifier guidance)."""
         if model_output is None:
             model_output = self._model(model, x, t, model_kwargs)
         mean_out, var_out = self._split_output(model_output, x)
         out = self._output_to_dist(mean_out, var_out, x.to(mean_out.dtype), t, clip_denoised=clip_denoised,
-                                   denoised_fn=denoised_fn)
+                                   denoised_fn=denoised_fn, variance=variance)
         out["model_output"] = model_output
         return out
 
     def _output_to_dist(self, mean_out: torch.Tensor, var_out: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor,
-                        *, clip_denoised: bool, denoised_fn: Callable | None = None) -> dict[str, torch.Tensor]:
-        """The reverse-process Gaussian from the split model output (mean part, variance part or None)."""
+                        *, clip_denoised: bool, denoised_fn: Callable | None = None, variance: bool = True
+                        ) -> dict[str, torch.Tensor]:
+        """The reverse-process Gaussian from the split model output (mean part, variance part or None);
+        variance=False: without the "variance" entry (log_variance is always there)."""
+        out: dict[str, torch.Tensor] = {}
         if self.model_var_type == "learned_range":
             min_log = self._extract("posterior_log_variance_clipped", t, x)
             max_log = self._extract("log_betas", t, x)
             frac = (var_out + 1.0) / 2.0
-            log_variance = min_log + frac * (max_log - min_log)  # = frac*max_log + (1-frac)*min_log
-            variance = torch.exp(log_variance)
+            out["log_variance"] = log_variance = min_log + frac * (max_log - min_log)  # frac*max + (1-frac)*min
+            if variance:
+                out["variance"] = torch.exp(log_variance)
         elif self.model_var_type == "fixed_small":
-            variance = self._extract("posterior_variance", t, x)
-            log_variance = self._extract("posterior_log_variance_clipped", t, x)
+            out["variance"] = self._extract("posterior_variance", t, x)
+            out["log_variance"] = self._extract("posterior_log_variance_clipped", t, x)
         else:  # fixed_large: beta_t, except beta~_1 at t=0 so that the decoder has a sensible variance
-            variance = self._extract("_large_variance", t, x)
-            log_variance = variance.log()
+            out["variance"] = v = self._extract("_large_variance", t, x)
+            out["log_variance"] = v.log()
+        out["pred_xstart"] = pred_xstart = self._denoised_xstart(x, t, mean_out, clip_denoised, denoised_fn)
+        out["mean"], _, _ = self._q_posterior(pred_xstart, x, t)
+        return out
+
+    def _denoised_xstart(self, x: torch.Tensor, t: torch.Tensor, mean_out: torch.Tensor, clip_denoised: bool,
+                         denoised_fn: Callable | None) -> torch.Tensor:
+        """x_0 [B,...] from the mean part of the model output, through denoised_fn and the [-1, 1] clip."""
         pred_xstart = self._predict_xstart(x, t, mean_out)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = self._q_posterior(pred_xstart, x, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+        return pred_xstart.clamp(-1, 1) if clip_denoised else pred_xstart
 
     @property
     def log_betas(self) -> np.ndarray:
@@ -271,8 +287,16 @@ class GaussianDiffusion:
                  denoised_fn: Callable | None = None, cond_fn: CondFn | None = None, model_kwargs: dict | None = None,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} (no noise where t == 0): dict sample, pred_xstart, in x's dtype."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+        self._check_t(t, x)
+        return self._p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                              model_kwargs=model_kwargs, generator=generator)
+
+    def _p_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool,
+                  denoised_fn: Callable | None, cond_fn: CondFn | None, model_kwargs: dict | None,
+                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """p_sample without the range check of t (the sampling loop's t are valid by construction)."""
+        out = self._p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                    model_kwargs=model_kwargs, variance=cond_fn is not None)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         noise = randn(tuple(x.shape), device=x.device, dtype=out["mean"].dtype, generator=generator)
@@ -285,20 +309,34 @@ class GaussianDiffusion:
                     model_kwargs: dict | None = None, eta: float = 0.0,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta=0 deterministic, eta=1 the DDPM posterior variance."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
+        self._check_t(t, x)
+        return self._ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                                 model_kwargs=model_kwargs, eta=eta, generator=generator)
+
+    def _ddim_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool,
+                     denoised_fn: Callable | None, cond_fn: CondFn | None, model_kwargs: dict | None, eta: float,
+                     generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """ddim_sample without the range check of t. Only x_0 is taken from the model output: the learned variance
+        and the posterior mean of p_mean_variance are not computed (DDIM uses neither)."""
+        mean_out, _ = self._split_output(self._model(model, x, t, model_kwargs), x)
+        xc = x.to(mean_out.dtype)
+        out = {"pred_xstart": self._denoised_xstart(xc, t, mean_out, clip_denoised, denoised_fn)}
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         else:  # epsilon consistent with the (clipped) x_0, as in improved-diffusion
             out["eps"] = self._predict_eps_from_xstart(x.to(out["pred_xstart"].dtype), t, out["pred_xstart"])
         eps, x0 = out["eps"], out["pred_xstart"]
-        ab = self._extract("alphas_cumprod", t, eps)
         ab_prev = self._extract("alphas_cumprod_prev", t, eps)
+        if eta == 0:  # sigma = 0: the same arithmetic as below without the zero terms
+            return {"sample": (x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev).clamp(min=0)) * eps).to(x.dtype),
+                    "pred_xstart": x0.to(x.dtype)}
+        ab = self._extract("alphas_cumprod", t, eps)
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
         mean = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
-        nonzero = (t != 0).to(eps.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         if eta > 0:
-            mean = mean + nonzero * sigma * randn(tuple(x.shape), device=x.device, dtype=eps.dtype, generator=generator)
+            nonzero = (t != 0).to(eps.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            mean = mean + nonzero * sigma * randn(tuple(x.shape), device=x.device, dtype=eps.dtype,
+                                                  generator=generator)
         return {"sample": mean.to(x.dtype), "pred_xstart": x0.to(x.dtype)}
 
     def ddim_reverse_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, *, clip_denoised: bool = False,
@@ -349,7 +387,8 @@ class GaussianDiffusion:
             raise ValueError(f"eta must be >= 0, got {eta!r}")
         if method == "ddpm" and eta != 0:
             raise ValueError(f"eta={eta!r} is a DDIM setting; use method='ddim' (ddim_sample_loop)")
-        step = functools.partial(self.ddim_sample, eta=eta) if method == "ddim" else self.p_sample
+        # t is built here, in range: the steps skip the range check (one device sync per step on a GPU)
+        step = functools.partial(self._ddim_sample, eta=eta) if method == "ddim" else self._p_sample
         x = self._init_noise(shape, noise, device, generator)
         for i in _progress(range(self.num_timesteps - 1, -1, -1), progress, method.upper()):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .nn import (CastConv2d, CastLinear, GroupNorm32, GroupNormSiLU, ScaleShiftGroupNormSiLU, timestep_embedding,
-                 upsample2x_conv3x3, zero_)
+                 is_channels_last, upsample2x_conv3x3, upsample2x_kernel, zero_)
 
 
 class ResBlock(nn.Module):
@@ -99,11 +99,18 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Double H and W: nearest neighbour, then (conv=True) a 3x3 conv, computed as four 2x2 phase convs on
-    the low-resolution input (upsample2x_conv3x3: 2.25x fewer FLOPs, same function). Ignores the embedding."""
+    the low-resolution input (upsample2x_conv3x3: 2.25x fewer FLOPs, same function). Ignores the embedding.
+
+    cache_kernel (off by default; set_inference_caches turns it on): in eager mode without autograd, the phase
+    kernels are computed once and reused while the weights stay the same tensors, unmodified (their version
+    counters and data pointers are checked every call). Results are the same bit for bit; it saves the per-call
+    kernel arithmetic on the weights (0.6 ms at 64 channels, 9 ms at 256, 1 CPU thread)."""
 
     def __init__(self, ch: int, conv: bool = True) -> None:
         super().__init__()
         self.use_conv = conv
+        self.cache_kernel = False
+        self._kernel: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         if conv:  # the conv's parameters live here, where they are used (ZeRO-3 gathers per module)
             c = nn.Conv2d(ch, ch, 3, padding=1)
             self.weight, self.bias = c.weight, c.bias
@@ -111,7 +118,27 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if not self.use_conv:
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return upsample2x_conv3x3(x, self.weight, self.bias)
+        kernel = None
+        if self.cache_kernel and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            cl = is_channels_last(x)
+            w, b = self.weight, self.bias
+            key = (w.data_ptr(), w._version, w.dtype, w.device, cl) + ((b.data_ptr(), b._version) if b is not None
+                                                                       else ())
+            if self._kernel is None or self._kernel[0] != key:
+                self._kernel = (key, upsample2x_kernel(w, b, cl))
+            kernel = self._kernel[1]
+        return upsample2x_conv3x3(x, self.weight, self.bias, kernel)
+
+
+def set_inference_caches(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn on (off) the weight-only caches of `model`'s modules for inference (Upsample.cache_kernel). Only for a
+    model whose weights are never changed behind the version counter (writes through `.data`, or parameters
+    re-gathered into a reused buffer, as DeepSpeed ZeRO-3 does): e.g. exported weights loaded for sampling.
+    Returns the model."""
+    for m in model.modules():
+        if isinstance(m, Upsample):
+            m.cache_kernel, m._kernel = enabled, None
+    return model
 
 
 class UNetBlock(nn.Module):

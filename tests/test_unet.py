@@ -207,6 +207,40 @@ def test_attention_matches_explicit_softmax() -> None:
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_kernel_cache_is_bitwise_and_follows_weight_changes(channels_last: bool) -> None:
+    """Upsample.cache_kernel (set_inference_caches): the same output bit for bit as without the cache, recomputed
+    after an in-place weight update or a dtype change, and never used while autograd records."""
+    from diffusion.unet import Upsample, set_inference_caches
+
+    torch.manual_seed(0)
+    up = Upsample(8)
+    x = torch.randn(2, 8, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = up(x, None)
+        set_inference_caches(up)
+        assert torch.equal(up(x, None), ref) and up._kernel is not None
+        out = up(x, None)  # from the cache
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+        up.weight.mul_(2.0)  # in place: the version counter moves
+        out = up(x, None)
+        assert torch.equal(out, _uncached(up, x)) and not torch.equal(out, ref)
+    up.double()
+    with torch.no_grad():
+        assert torch.equal(up(x.double(), None), _uncached(up, x.double()))
+    out = up(x.double(), None)  # grad enabled: no cache, gradients flow to the weights
+    out.sum().backward()
+    assert up.weight.grad is not None
+
+
+def _uncached(up, x: torch.Tensor) -> torch.Tensor:
+    from diffusion.nn import upsample2x_conv3x3
+    with torch.no_grad():
+        return upsample2x_conv3x3(x, up.weight, up.bias)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_conv_equals_nearest_then_conv(channels_last: bool) -> None:
     import torch.nn.functional as F
 

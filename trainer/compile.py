@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from data.cli import UsageError
+from diffusion.unet import set_inference_caches
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("fp32", "bf16")
@@ -71,7 +72,9 @@ class InferenceNet:
 
     precision: "fp32" (results equal the eager model within fp32 rounding) or "bf16" (autocast; group norms stay
     fp32 in the UNet). channels_last: None = on for CUDA, off on CPU (oneDNN's blocked formats gain nothing there
-    for these sizes). compile: False, True ("default" mode) or a mode of MODES.
+    for these sizes). compile: False, True ("default" mode) or a mode of MODES. The model's weight-only caches are
+    turned on (diffusion.unet.set_inference_caches: eager Upsample kernels computed once, same results bit for
+    bit), so its weights must not be changed behind the version counter while this wrapper is in use.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, compile: bool | str = False,
@@ -84,6 +87,7 @@ class InferenceNet:
         self.device, self.precision = device, precision
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        set_inference_caches(self.model)  # weight-only work done once in eager mode (same results bit for bit)
         self.mode = None if compile is False else ("default" if compile is True else compile)
         self.fn: Callable[..., torch.Tensor] = self.model
         if self.mode is not None:
