@@ -34,10 +34,10 @@ import torch
 from data.cli import ArgumentParser, UsageError, run_cli
 from data.fsio import atomic_save_npz, atomic_write_json
 from data.runlock import LockHeld, RunLock
-from evaluations.vdm_nll import is_vdm
 from data.seeds import derive_seed
 from evaluations import dist
 from evaluations.io import inference_parser, load_model, load_npz
+from evaluations.vdm_nll import is_vdm
 from trainer.compile import add_speed_flags
 from trainer.sync import gather_rows
 
@@ -142,7 +142,6 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
              class_label: int | None, seed: int, clip: bool, classifier: str | None = None,
              classifier_scale: float = 1.0, compile: bool | str = False, precision: str = "fp32",
              low_res: str | np.ndarray | None = None) -> _Job:
-    from diffusion.guidance import ClassifierFreeGuidance, EmbeddedGuidance
     from trainer.compile import InferenceNet
     respacing = f"ddim{ddim}" if ddim else (respace or "")
     vdm = is_vdm(model)
@@ -172,20 +171,7 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
     if not vdm:  # (a VDM samples through diffusion.vdm.sample, which needs the VDMNet itself)
         net = InferenceNet(net, device, compile=compile, precision=precision)  # after the classifier took its dtype
     embedded = bool(meta["model"].get("guidance_embed"))
-    if embedded:  # the scale is the model's input w: one forward per step
-        if guidance_scale is None:
-            learned = (meta.get("distill") or {}).get("teacher_guidance_range")
-            raise UsageError(f"--model {model} is guidance-distilled (it takes the guidance scale as an input): pass "
-                             f"--guidance-scale W" + (f" (it learned {learned[0]:g} to {learned[1]:g})"
-                                                      if learned else ""))
-        net = EmbeddedGuidance(net, guidance_scale)
-    elif guidance_scale:
-        if not conditional:
-            raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
-        if not meta["model"].get("null_label", True):
-            raise UsageError("--guidance-scale: this model has no null-label row (converted from a checkpoint "
-                             "trained without label dropout), so classifier-free guidance is undefined; use 0")
-        net = ClassifierFreeGuidance(net, guidance_scale, num_classes)
+    net = guided(net, meta, guidance_scale, model)
     guidance_scale = guidance_scale or 0.0
     settings = {"model": os.path.abspath(model), "model_step": meta.get("step"), "model_ema": meta.get("ema"),
                 "num_samples": num_samples, "batch_size": batch_size, "seed": seed,
@@ -200,6 +186,30 @@ def _prepare(model: str, device: torch.device, *, num_samples: int, batch_size: 
         net = _DropLabels(net)
     return _Job(net, diffusion, fixed, num_classes, (meta["model"].get("in_channels", 3), size, size), settings,
                 cond_fn, conditional, 2 if guidance_scale and not embedded else 1, small)
+
+
+def guided(net: Any, meta: dict[str, Any], guidance_scale: float | None, model: str) -> Any:
+    """The exported model `net` (meta: its model.json) as sampled at `guidance_scale`: a guidance-distilled student
+    (guidance_embed) takes the scale as its input w (required; one forward per step), a class-conditional model
+    gets classifier-free guidance when the scale is > 0, others are returned as they are. UsageError (naming the
+    --model path `model`) when the scale cannot apply."""
+    from diffusion.guidance import ClassifierFreeGuidance, EmbeddedGuidance
+    m = meta["model"]
+    if m.get("guidance_embed"):  # the scale is the model's input w: one forward per step
+        if guidance_scale is None:
+            learned = (meta.get("distill") or {}).get("teacher_guidance_range")
+            raise UsageError(f"--model {model} is guidance-distilled (it takes the guidance scale as an input): pass "
+                             f"--guidance-scale W" + (f" (it learned {learned[0]:g} to {learned[1]:g})"
+                                                      if learned else ""))
+        return EmbeddedGuidance(net, guidance_scale)
+    if not guidance_scale:
+        return net
+    if m.get("num_classes") is None:
+        raise UsageError("--guidance-scale needs a class-conditional model (this one is unconditional)")
+    if not m.get("null_label", True):
+        raise UsageError("--guidance-scale: this model has no null-label row (converted from a checkpoint "
+                         "trained without label dropout), so classifier-free guidance is undefined; use 0")
+    return ClassifierFreeGuidance(net, guidance_scale, int(m["num_classes"]))
 
 
 def _load_vdm(model: str, device: torch.device, respace: str | None, ddim: int | None, guidance_scale: float | None,

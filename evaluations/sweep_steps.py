@@ -32,6 +32,7 @@ from data.cli import ArgumentParser, UsageError, flag, run_cli
 from data.fsio import atomic_save_npz
 from data.seeds import derive_seed
 from evaluations.io import check_images, load_npz, save_report
+from evaluations.sample import guided
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -88,32 +89,31 @@ def students_of(distill_dir: str) -> list[tuple[str, int]]:
             if r["substeps"] == 2]
 
 
-def guidance_of(meta: dict[str, Any], scale: float, name: str) -> str:
-    """How a model of this export is guided at `scale` (UsageError when it cannot be): "" for an unconditional model,
-    "input w W" for a student distilled at sampled scales (guidance_embed), "as distilled" for one distilled at a
-    fixed scale (labels only), "CFG w W" or "conditional" (W = 0) for a class-conditional teacher."""
+def guidance_of(meta: dict[str, Any], scale: float) -> str:
+    """How a model of this export is guided at `scale` (evaluations.sample.guided applies it, and refuses what
+    cannot be): "" for an unconditional model, "input w W" for a student distilled at sampled scales
+    (guidance_embed), "as distilled" for one distilled at a fixed scale (labels only), "CFG w W" or "conditional"
+    (W = 0) for a class-conditional teacher."""
     m = meta["model"]
     if m.get("num_classes") is None:
-        if scale:
-            raise UsageError(f"--guidance-scale {scale:g}: {name} is unconditional")
         return ""
     if m.get("guidance_embed"):
         return f"input w {scale:g}"
     if meta["diffusion"].get("distilled_steps"):
         return "as distilled"
-    if not scale:
-        return "conditional"
-    if not m.get("null_label", True):
-        raise UsageError(f"--guidance-scale {scale:g}: {name} has no null-label row, so classifier-free guidance "
-                         "is undefined; use 0")
-    return f"CFG w {scale:g}"
+    return f"CFG w {scale:g}" if scale else "conditional"
+
+
+def row_scale(how: str, scale: float) -> float:
+    """The scale a row's model is sampled at: a student distilled at a fixed scale carries its own (0 here)."""
+    return 0.0 if how == "as distilled" else scale
 
 
 def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: int, device: torch.device,
             guidance_scale: float = 0.0) -> np.ndarray:
     """Sample one row (or reuse its npz); fills row['seconds'] and row['samples']. A conditional model's image i
     asks for class i mod K, guided as row['guidance'] (guidance_of) says."""
-    from diffusion import ClassifierFreeGuidance, EmbeddedGuidance, create_diffusion
+    from diffusion import create_diffusion
     from evaluations.io import load_model
     path = os.path.join(out_dir, "samples", row["name"] + ".npz")
     row["samples"] = path
@@ -125,8 +125,7 @@ def run_row(row: dict[str, Any], out_dir: str, n: int, batch_size: int, seed: in
     model, _, meta = load_model(row["model"], device, what="--teacher/--students")
     k_classes, how = meta["model"].get("num_classes"), row.get("guidance", "")
     labels = None if k_classes is None else np.arange(n, dtype=np.int64) % int(k_classes)
-    net = EmbeddedGuidance(model, guidance_scale) if how.startswith("input") else \
-        ClassifierFreeGuidance(model, guidance_scale, int(k_classes)) if how.startswith("CFG") else model
+    net = guided(model, meta, row_scale(how, guidance_scale), row["model"])
     dkw = {k: v for k, v in meta["diffusion"].items() if k != "timestep_respacing"}
     k = row["steps"]
     try:
@@ -161,7 +160,8 @@ def sweep(teacher: str, reference: str, out_dir: str, *, students: list[tuple[st
     if len({m["model"].get("num_classes") is None for m in metas}) > 1:
         raise UsageError("the teacher and the students must all be class-conditional or all unconditional")
     for row, meta in zip(rows, metas):
-        how = guidance_of(meta, guidance_scale, row["model"])
+        how = guidance_of(meta, guidance_scale)
+        guided(None, meta, row_scale(how, guidance_scale), row["model"])  # refuses what cannot apply, before sampling
         if how:  # conditional: the scale is part of the name, so a re-run at another scale does not reuse samples
             row["guidance"], row["name"] = how, f"{row['name']}_w{guidance_scale:g}"
     for row in rows:
