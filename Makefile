@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_trainer
 	$(BIN)/python -m benchmarks.bench_metrics
 	$(BIN)/python -m benchmarks.bench_sampling --preset tiny16 --batch 16 --rounds 3
+
+# What the lent GPU machine (no registry) lacks, as cp312 wheels in .whl/, checked complete; see benchmarks/gpu_check.sh.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_wheels --dest .whl
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

@@ -36,6 +36,9 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 P
                     "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+SECTIONS = ("tests", "mfu", "ckpt", "fp16", "sync", "sampling")
+
+
 def build_parser():
     from data.cli import ArgumentParser
     p = ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
@@ -44,7 +47,7 @@ def build_parser():
                    "gpu_check.md (gpu_check-dryrun.md with --dry-run)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card (default: table)")
     p.add_argument("--batch", type=int, default=None, help="MFU batch (default 64 on GPU, 2 in a dry run)")
-    p.add_argument("--sections", default="tests,mfu,ckpt,fp16,sync,sampling", help="comma list of sections")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections (default: all)")
     return p
 
 
@@ -87,7 +90,8 @@ def train_steps(s: dict[str, Any], *, dtype: torch.dtype, checkpoint: bool = Fal
     model = cfg.build().to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model, dynamic=False) if compile else model
+    from trainer.compile import backend, compile_options
+    net = torch.compile(model, backend=backend(), **compile_options()) if compile else model
     diffusion = create_diffusion(steps=1000, noise_schedule="cosine", learn_sigma=True, loss="hybrid")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     gs = torch.amp.GradScaler(dev.type) if scaler else None
@@ -256,6 +260,10 @@ def write(out: Path, res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    names = [x for x in a.sections.split(",") if x]
+    if not names or set(names) - set(SECTIONS):
+        from data.cli import die
+        die(f"--sections {a.sections!r}: choose from {','.join(SECTIONS)}", "gpu_check")
     if not a.dry_run and not torch.cuda.is_available():
         from data.cli import die
         die("no CUDA device: run on a GPU machine, or pass --dry-run to check the code path on CPU", "gpu_check")
@@ -269,12 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"tests": section_tests, "mfu": lambda s, w: section_mfu(s, w, peak), "ckpt": section_ckpt,
            "fp16": section_fp16, "sync": section_sync, "sampling": section_sampling}
     with tempfile.TemporaryDirectory() as work:
-        for name in [x for x in a.sections.split(",") if x]:
-            if name in fns:
-                (Path(work) / name).mkdir()
-                res["sections"][name] = run_section(name, lambda n=name: fns[n](s, Path(work) / n))
-                res["total_seconds"] = time.perf_counter() - t0
-                write(out, res)  # after every section: a run cut off by the time limit keeps what it measured
+        for name in names:
+            (Path(work) / name).mkdir()
+            res["sections"][name] = run_section(name, lambda n=name: fns[n](s, Path(work) / n))
+            res["total_seconds"] = time.perf_counter() - t0
+            write(out, res)  # after every section: a run cut off by the time limit keeps what it measured
     print(out.read_text())
     return 0 if all(v["ok"] for v in res["sections"].values()) else 1
 

@@ -6,18 +6,24 @@
 #   bash benchmarks/gpu_check.sh             # on a CUDA machine; about 5-8 minutes
 #   bash benchmarks/gpu_check.sh --dry-run   # on CPU: the same code at tiny sizes (gpu_check-dryrun.md)
 #
-# A GPU machine without registry access: build the wheels here and carry them in .whl/ (see
-# ../shared/ENVIRONMENT.md):  pip wheel --no-deps deepspeed -w .whl;  pip download --no-deps -d .whl
-#   webdataset braceexpand blobfile diffusers safetensors scikit-learn tqdm (plus what they need that is missing there).
-# They are installed from .whl/ first when the folder exists. Extra arguments go to python -m benchmarks.gpu_check.
+# A GPU machine without registry access (the device tool's): `make gpu-wheels` here puts exactly what that machine's
+# Python lacks into .whl/ (deepspeed, webdataset, blobfile, diffusers and their missing requirements; checked
+# against the machine's package list, see benchmarks/gpu_wheels.py); then, in ONE device call,
+#   run(command="bash benchmarks/gpu_check.sh --out $OUT/gpu_check.md", carry=[".whl"], timeout_s=600)
+# The wheels are installed from .whl/ into $GPU_SITE (default /tmp/iddpm-site), put on PYTHONPATH for every
+# process the check starts, when the folder exists and deepspeed is not importable. Extra arguments go to
+# python -m benchmarks.gpu_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if [ -d .whl ] && ! "$PY" -c "import deepspeed, webdataset, diffusers" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl
+SITE=""
+if [ -d .whl ] && ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  SITE=${GPU_SITE:-/tmp/iddpm-site}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 # One compile cache for every section and rerun (inductor's FX graph and autograd caches).
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/iddpm-inductor}
-# The whole check is cut off after GPU_CHECK_TIMEOUT seconds (default 900); results are written after every section.
-exec timeout "${GPU_CHECK_TIMEOUT:-900}" "$PY" -m benchmarks.gpu_check "$@"
+# The whole check is cut off after GPU_CHECK_TIMEOUT seconds (default 570: inside the device tool's 600 s per
+# call); results are written after every section, so a cut-off run still reports the sections it finished.
+exec timeout "${GPU_CHECK_TIMEOUT:-570}" "$PY" -m benchmarks.gpu_check "$@"

@@ -46,3 +46,34 @@ def test_bench_trainer_bad_input_is_one_line_exit_2(tmp_path) -> None:
                         str(tmp_path / "x.md")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--repeats must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpu_check_dry_run_end_to_end(tmp_path) -> None:
+    """benchmarks/gpu_check.sh --dry-run: every section of the GPU check runs on CPU at tiny sizes (the trainer on
+    two gloo ranks included) and the results file is written; aot_eager keeps inductor's compile out of the test
+    (tests/test_compile.py covers it). Nothing is timed against a target."""
+    out = tmp_path / "gpu.md"
+    env = dict(os.environ, IDDPM_COMPILE_BACKEND="aot_eager", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.with_suffix(".json").read_text())
+    sec = res["sections"]
+    assert set(sec) == {"tests", "mfu", "ckpt", "fp16", "sync", "sampling"} and all(v["ok"] for v in sec.values())
+    assert res["dry_run"] is True and "DRY RUN" in out.read_text()
+    assert sec["fp16"]["finite"] is True and sec["sync"]["returncodes"] == [0, 0] and sec["sync"]["backend"] == "gloo"
+    assert sec["mfu"]["eager"]["images_per_s"] > 0 and sec["mfu"]["compiled"]["images_per_s"] > 0
+    assert sec["mfu"]["compiled"]["losses"][0] == pytest.approx(sec["mfu"]["eager"]["losses"][0], rel=1e-2)
+    assert sec["sampling"]["summary"] and "skipped" in sec["tests"]["summary"]
+
+
+def test_gpu_check_bad_input_is_one_line_exit_2() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--sections", "mfu,nope"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--sections" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES=""),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and r.stderr.count("\n") == 1, r.stderr
