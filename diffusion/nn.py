@@ -132,8 +132,13 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     O = weight.shape[0]
     cl = is_channels_last(x)
     k, b4 = kernel if kernel is not None else upsample2x_kernel(weight, bias, cl)
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, b4)
+    compiling = torch.compiler.is_compiling()
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, None if compiling else b4)
     y = y.unflatten(1, (O, 2, 2))  # [B, O, a, b, H+1, W+1]; phase (a, b) at output (i, j) is y[..., i + a, j + b]
+    if compiling and bias is not None:
+        # compiled, the bias is added here (fused into the phase copies) instead of as the conv's repeated bias:
+        # torch 2.11's inductor cannot lay out that view as a conv bias (NotImplementedError: View)
+        y = y + bias[:, None, None, None, None]
     if kernel is not None:
         out = torch.empty((B, O, 2 * H, 2 * W), dtype=y.dtype, device=y.device,
                           memory_format=torch.channels_last if cl else torch.contiguous_format)
