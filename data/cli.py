@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -41,6 +42,23 @@ class ArgumentParser(argparse.ArgumentParser):
 def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:
     """A boolean option spelled `--name` / `--no-name`."""
     parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def exit_without_teardown(main: Callable[[], int]) -> NoReturn:
+    """`main()`, then end the process with its exit code WITHOUT the interpreter's teardown (os._exit after flushing
+    stdout and stderr), for the CLIs that may run as several ranks. Everything is written and closed when `main`
+    returns; destructors of gloo / DeepSpeed background threads run during the teardown can abort a finished rank
+    (SIGABRT, "terminate called without an active exception"), which would turn a complete job into a failed one.
+    A SystemExit (die: its line already printed) ends the same way with its code; other exceptions propagate."""
+    try:
+        code = main()
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str,

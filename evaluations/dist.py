@@ -8,6 +8,7 @@ tensors whatever the device (no DeepSpeed import, and the same code on CPU and G
 from __future__ import annotations
 
 import datetime
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -69,5 +70,9 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
+    """Destroy the process group (if any), then collect garbage so that gloo's objects are freed now, while the
+    interpreter is whole: freed during its teardown they can abort a finished rank (SIGABRT, "terminate called
+    without an active exception"). The CLIs also skip the teardown (data.cli.exit_without_teardown)."""
     if tdist.is_initialized():
         tdist.destroy_process_group()
+        gc.collect()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.cli import ArgumentParser, UsageError, run_cli
+from data.cli import ArgumentParser, UsageError, exit_without_teardown, run_cli
 from data.fsio import atomic_save_npz, atomic_write_bytes, atomic_write_json, atomic_write_text
 from data.seeds import derive_seed
 from evaluations import dist
@@ -282,4 +282,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main)  # several ranks: no interpreter teardown after the work is saved (data.cli)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.cli import ArgumentParser, UsageError, run_cli
+from data.cli import ArgumentParser, UsageError, exit_without_teardown, run_cli
 from data.fsio import atomic_save_npz, atomic_write_json
 from data.runlock import LockHeld, RunLock
 from data.seeds import derive_seed
@@ -561,4 +561,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main)  # several ranks: no interpreter teardown after the work is saved (data.cli)

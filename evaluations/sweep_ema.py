@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data.cli import ArgumentParser, UsageError, flag, run_cli
+from data.cli import ArgumentParser, UsageError, exit_without_teardown, flag, run_cli
 from data.fsio import atomic_save_npz, atomic_write, atomic_write_json
 from evaluations import dist
 from evaluations.features import FEATURES
@@ -352,4 +352,4 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main)  # several ranks: no interpreter teardown after the work is saved (data.cli)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.cli import ArgumentParser, UsageError, flag, run_cli
+from data.cli import ArgumentParser, UsageError, exit_without_teardown, flag, run_cli
 from data.fsio import atomic_write
 from evaluations import dist
 from evaluations.io import load_npz, save_report
@@ -232,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main)  # several ranks: no interpreter teardown after the work is saved (data.cli)

@@ -27,7 +27,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch.distributed as dist  # noqa: E402  (after the environment variable above)
 
-from data.cli import UsageError, die  # noqa: E402
+from data.cli import UsageError, die, exit_without_teardown  # noqa: E402
 from data.runlock import RunLock  # noqa: E402
 from trainer import EXIT_RANK_LOST  # noqa: E402
 from trainer.checkpoint import clean_unfinished  # noqa: E402
@@ -84,10 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Everything is saved and closed here. Skip the interpreter's teardown: destructors of gloo / DeepSpeed
-    # background threads can abort a finished rank (SIGABRT, "terminate called without an active exception"),
-    # which would turn a complete run into a failed job.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_without_teardown(main)  # everything is saved and closed: no interpreter teardown (see data.cli)
