@@ -402,7 +402,7 @@ def deepspeed_config(c: TrainConfig, world: int, on_gpu: bool | None = None) -> 
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         # torch's fused AdamW on every device: on CPU 3.4x faster than its per-tensor loop (30M parameters, one
-        # thread); on GPU the same single fused kernel as DeepSpeed's FusedAdam, without that op's just-in-time
+        # thread); on GPU fused kernels like DeepSpeed's FusedAdam, without that op's just-in-time
         # nvcc build on every new node (which needs a CUDA toolkit matching torch there)
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.adam_betas), "eps": 1e-8,
                                                   "weight_decay": o.weight_decay, "torch_adam": True, "fused": True}},
