@@ -259,13 +259,12 @@ def write(out: Path, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.cli import die
     a = build_parser().parse_args(argv)
     names = [x for x in a.sections.split(",") if x]
     if not names or set(names) - set(SECTIONS):
-        from data.cli import die
         die(f"--sections {a.sections!r}: choose from {','.join(SECTIONS)}", "gpu_check")
     if not a.dry_run and not torch.cuda.is_available():
-        from data.cli import die
         die("no CUDA device: run on a GPU machine, or pass --dry-run to check the code path on CPU", "gpu_check")
     s, peak, t0 = sizes(a.dry_run, a.batch), peak_tflops(a.peak_tflops), time.perf_counter()
     res: dict[str, Any] = {"dry_run": a.dry_run, "device": device_info(), "sizes": s, "sections": {},

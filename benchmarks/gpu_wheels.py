@@ -18,7 +18,6 @@ Exit 0 when the folder is complete, 1 with one line per problem otherwise, 2 for
 """
 from __future__ import annotations
 
-import argparse
 import email.parser
 import re
 import subprocess
@@ -31,6 +30,8 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
+from data.cli import ArgumentParser, die
 
 REPO = Path(__file__).resolve().parents[1]
 # The packages the GPU machine's image holds (KINDS.md, "Python packages already there", read on 2026-11-17).
@@ -68,6 +69,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 TARGET_TAGS = frozenset(list(tags.cpython_tags((3, 12), platforms=PLATFORMS))
                         + list(tags.compatible_tags((3, 12), "cp312", platforms=PLATFORMS)))
 LIMIT_MIB = 64  # the device tool's working-tree limit, carried paths included
+PROG = "python -m benchmarks.gpu_wheels"
 
 
 def pinned_versions(names: tuple[str, ...] = CARRY) -> dict[str, str]:
@@ -85,8 +87,7 @@ def pinned_versions(names: tuple[str, ...] = CARRY) -> dict[str, str]:
             try:
                 pins[key] = version(n)
             except PackageNotFoundError:
-                raise SystemExit(f"gpu_wheels: {n} is neither pinned in constraints.txt nor installed here; "
-                                 f"run make venv first") from None
+                die(f"{n} is neither pinned in constraints.txt nor installed here; run make venv first", PROG, 1)
         out[n] = pins[key]
     return out
 
@@ -148,15 +149,14 @@ def check(folder: Path, image: frozenset[str] = IMAGE_PACKAGES, limit_mib: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_wheels", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--dest", default=str(REPO / ".whl"), help="wheel folder (default: .whl/ in the checkout, "
                    "git-ignored; name it in the device tool's carry)")
     p.add_argument("--check", action="store_true", help="only check the folder, fetch nothing")
     a = p.parse_args(argv)
     dest = Path(a.dest)
     if a.check and not dest.is_dir():
-        print(f"gpu_wheels: {dest} is not a folder; run python -m benchmarks.gpu_wheels first", file=sys.stderr)
-        return 2
+        die(f"{dest} is not a folder; run python -m benchmarks.gpu_wheels first", PROG)
     if not a.check:
         fetch(dest, pinned_versions())
     problems = check(dest)
