@@ -49,7 +49,8 @@ def exit_without_teardown(main: Callable[[], int]) -> NoReturn:
     stdout and stderr), for the CLIs that may run as several ranks. Everything is written and closed when `main`
     returns; destructors of gloo / DeepSpeed background threads run during the teardown can abort a finished rank
     (SIGABRT, "terminate called without an active exception"), which would turn a complete job into a failed one.
-    A SystemExit (die: its line already printed) ends the same way with its code; other exceptions propagate."""
+    A SystemExit (die: its line already printed) ends the same way with its code; other exceptions propagate.
+    Under `mpiexec`, a successful rank finalizes MPI first (`_finalize_mpi`)."""
     try:
         code = main()
     except SystemExit as e:
@@ -58,7 +59,18 @@ def exit_without_teardown(main: Callable[[], int]) -> NoReturn:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
+    if code == 0:
+        _finalize_mpi()
     os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize if mpi4py initialised MPI (launched by `mpiexec`). MPICH's launcher treats a rank that exits
+    without finalizing as aborted: it kills the other ranks, and still exits 0, so rank 0 could be killed before it
+    wrote its results. A failing rank (code != 0) skips this on purpose, so that the launcher stops the others."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str,
