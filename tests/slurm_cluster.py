@@ -35,6 +35,8 @@ NEVER_RUNS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "Partit
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
+# A requeued job is released only after pending this long (with no node completing): see SlurmCluster.wait.
+REQUEUE_SETTLE_S = 2.0
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -266,6 +268,11 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
         return int(p.stdout.strip().split(";")[0].split("_")[0])
 
+    def nodes_completing(self) -> bool:
+        """Whether some node is still cleaning up after a job (state COMPLETING)."""
+        p = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
+        return "completing" in p.stdout.lower()
+
     def job(self, job_id: int | str) -> list[dict[str, str]]:
         """`scontrol show job -o` parsed into one dict per job record (array tasks give several)."""
         p = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
@@ -279,9 +286,15 @@ class SlurmCluster:
         """Poll until every record of the job is in one of `states`; returns the records.
 
         With `release_requeued`, a job that was requeued and waits on its begin time (about two minutes in
-        SLURM) is made eligible at once with `scontrol update JobId=.. StartTime=now`, and a final state
-        counts only once it held for three polls (while `scontrol requeue` runs, a job can show a final
-        state for a moment before it returns to PENDING). `self.history` records the state changes seen.
+        SLURM) is made eligible with `scontrol update JobId=.. StartTime=now` once it has been pending, with no
+        node still completing a job, for `REQUEUE_SETTLE_S`, and a final state counts only once it held for three polls (while `scontrol
+        requeue` runs, a job can show a final state for a moment before it returns to PENDING).
+        `self.history` records the state changes seen.
+
+        Why not release at once: a requeue revokes the job's credential on its nodes, and slurmd refuses a new
+        credential created in the same second as (or before) that revocation (`ctime <= revoked`, whole
+        seconds), which fails the relaunch and ends the job FAILED; SLURM's own two-minute delay avoids this.
+        CI saw it once when the release came within about a second of the requeue.
         """
         settle = 3 if release_requeued else 1
         end = time.monotonic() + timeout
@@ -289,6 +302,7 @@ class SlurmCluster:
         recs: list[dict[str, str]] = []
         self.history: list[tuple[float, str]] = []
         held = 0
+        pending_since: dict[str, float] = {}  # requeued record -> when it was first seen pending
         while time.monotonic() < end:
             recs = self.job(job_id)
             seen = ",".join(f"{r.get('JobState')}/restarts={r.get('Restarts')}" for r in recs)
@@ -308,7 +322,14 @@ class SlurmCluster:
                 for r in recs:
                     if r.get("JobState") == "PENDING" and int(r.get("Restarts", "0")) > 0 \
                             and r.get("Reason") in ("BeginTime", "JobHeldUser", "None"):
-                        self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
+                        if self.nodes_completing():  # the old run's cleanup (after the revocation) goes on
+                            pending_since.pop(r["JobId"], None)
+                            continue
+                        first = pending_since.setdefault(r["JobId"], time.monotonic())
+                        if time.monotonic() - first >= REQUEUE_SETTLE_S:
+                            self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
+                    else:
+                        pending_since.pop(r.get("JobId", ""), None)
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
                            f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in recs]}; "
