@@ -282,11 +282,12 @@ def timed_steps(a: argparse.Namespace, net_module, diffusion, dtype, update) -> 
 def deepspeed_only(a: argparse.Namespace, model, diffusion, dtype) -> None:
     """The bare loop through the trainer's DeepSpeed engine and config; prints the same JSON line as bare_main."""
     import deepspeed
-    import torch
     from trainer.config import deepspeed_config
+    from trainer.dist import skip_shm_comm_op
     world, rank = a._bare_world, a._bare_rank
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(a._bare_port))
+    skip_shm_comm_op()  # as the trainer does
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     tc = train_config(a.preset, global_batch=a.batch * world, micro_batch=a.batch, precision=a._bare_precision,
                       zero_stage=a._bare_zero)

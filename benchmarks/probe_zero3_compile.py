@@ -18,6 +18,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 import deepspeed  # noqa: E402
 from test_compile import small_model  # noqa: E402
 from trainer.config import TrainConfig, deepspeed_config  # noqa: E402
+from trainer.dist import skip_shm_comm_op  # noqa: E402
 
 
 def run(compiled: bool, backend: str, rank: int) -> tuple[list[float], list[float]]:
@@ -42,6 +43,7 @@ def run(compiled: bool, backend: str, rank: int) -> tuple[list[float], list[floa
 
 
 if __name__ == "__main__":
+    skip_shm_comm_op()  # as the trainer does (trainer.dist)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     backend, rank = sys.argv[1] if len(sys.argv) > 1 else "aot_eager", int(os.environ["RANK"])
     eager = run(False, backend, rank)

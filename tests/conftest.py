@@ -6,7 +6,7 @@ import os
 # One OpenMP thread per process: multi-rank tests start two processes on a 2-core machine, and spinning
 # OpenMP threads fighting over cores make tiny steps 50x slower. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# One JIT cache for DeepSpeed's CPU ops across all tests (the first build takes about a minute).
+# One JIT cache for any DeepSpeed op built just in time (the trainer builds none on CPU: trainer.dist.skip_shm_comm_op).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 
 import pytest  # noqa: E402

@@ -326,6 +326,8 @@ _ZERO3_SCRIPT = r'''
 import json, os, sys, torch, deepspeed
 torch.set_num_threads(1)
 from diffusion.presets import create_model
+from trainer.dist import skip_shm_comm_op
+skip_shm_comm_op()  # as the trainer does
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 res = {}

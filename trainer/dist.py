@@ -76,6 +76,19 @@ def discover() -> Launch:
     return launch
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op (`deepspeed_shm_comm`).
+
+    On CPU, every `deepspeed.init_distributed` (one rank or many) JIT-compiles or loads that op under a lock file in
+    the torch extensions cache (`~/.cache/torch_extensions`, often a home shared by all nodes). The op only serves
+    DeepSpeed-Inference's tensor-parallel all-reduce, which training never calls. A rank killed while it holds the
+    lock (preemption, kill -9, a launcher's timeout) leaves the file behind, and every later launch then waits on
+    it forever without a word. Marked incompatible, the op is never built: no lock, no C++ compiler needed on CPU
+    nodes, and no minute of compilation on a node's first run. Call before DeepSpeed initialises its backend."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init(launch: Launch, timeout_s: float = 300.0) -> "torch.device":
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA), every collective bounded by
     `timeout_s`; return this rank's device."""
@@ -88,6 +101,7 @@ def init(launch: Launch, timeout_s: float = 300.0) -> "torch.device":
         device = torch.device("cuda", launch.local_rank)
     else:
         device = torch.device("cpu")
+    skip_shm_comm_op()
     deepspeed.init_distributed(dist_init_required=True, auto_mpi_discovery=False,
                                dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     exchange_identities(launch.world)
