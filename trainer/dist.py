@@ -84,9 +84,13 @@ def skip_shm_comm_op() -> None:
     DeepSpeed-Inference's tensor-parallel all-reduce, which training never calls. A rank killed while it holds the
     lock (preemption, kill -9, a launcher's timeout) leaves the file behind, and every later launch then waits on
     it forever without a word. Marked incompatible, the op is never built: no lock, no C++ compiler needed on CPU
-    nodes, and no minute of compilation on a node's first run. Call before DeepSpeed initialises its backend."""
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    nodes, and no minute of compilation on a node's first run. Call before DeepSpeed initialises its backend. On
+    other accelerators DeepSpeed has no such op and this does nothing (reading DeepSpeed's table of compatible ops
+    would probe every op's build there)."""
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init(launch: Launch, timeout_s: float = 300.0) -> "torch.device":
