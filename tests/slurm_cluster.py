@@ -287,9 +287,9 @@ class SlurmCluster:
 
         With `release_requeued`, a job that was requeued and waits on its begin time (about two minutes in
         SLURM) is made eligible with `scontrol update JobId=.. StartTime=now` once it has been pending, with no
-        node still completing a job, for `REQUEUE_SETTLE_S`, and a final state counts only once it held for three polls (while `scontrol
-        requeue` runs, a job can show a final state for a moment before it returns to PENDING).
-        `self.history` records the state changes seen.
+        node still completing a job, for `REQUEUE_SETTLE_S`; and a final state counts only once it held for three
+        polls (while `scontrol requeue` runs, a job can show a final state for a moment before it returns to
+        PENDING). `self.history` records the state changes seen.
 
         Why not release at once: a requeue revokes the job's credential on its nodes, and slurmd refuses a new
         credential created in the same second as (or before) that revocation (`ctime <= revoked`, whole
