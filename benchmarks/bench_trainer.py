@@ -191,7 +191,7 @@ def train_config(preset: str, **optim: Any):
 
 def model_cfg(preset: str) -> dict[str, Any]:
     """The model exactly as the trainer builds it for --model-size PRESET with default flags."""
-    from trainer.iddpm import model_config_dict
+    from trainer.unet_settings import model_config_dict
     return model_config_dict(train_config(preset))
 
 
@@ -200,7 +200,7 @@ def bare_main(a: argparse.Namespace) -> None:
     import torch
     from diffusion import create_diffusion
     from diffusion.presets import create_model_from_config
-    from trainer.iddpm import diffusion_kwargs
+    from trainer.unet_settings import diffusion_kwargs
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     mc = model_cfg(a.preset)

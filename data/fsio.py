@@ -5,6 +5,7 @@ the trainer's checkpoints and exports, and every evaluation output.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -77,3 +78,12 @@ def atomic_save_safetensors(path: str, tensors: dict[str, Any], metadata: dict[s
     from safetensors.torch import save_file
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def sha256_file(path: str, chunk: int = 1 << 23) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -220,11 +220,12 @@ def _cached_row(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
 def _export(run_dir: str, sigmas: list[str], meta: dict[str, Any], step: int, at_step: int | None,
             paths: dict[str, str]) -> None:
     """Reconstruct every length in one pass over the snapshots and export each (safetensors + JSON)."""
-    from trainer.export import save_exported
+    from trainer.export import export_extra, save_exported
     from trainer.phema import reconstruct
     states = reconstruct(run_dir, sigmas, at_step=at_step)    # {sigma_rel: fp32 state dict}
     for s in sigmas:
-        save_exported(paths[s], states.pop(s), meta["model"], meta["diffusion"], step=step, ema=f"phema_{s}")
+        save_exported(paths[s], states.pop(s), meta["model"], meta["diffusion"], step=step, ema=f"phema_{s}",
+                      extra=export_extra(meta))
 
 
 def _measure(s: str, paths: dict[str, str], *, main: bool, data: str, reference: str, out_dir: str,

@@ -5,11 +5,14 @@
         ds/                        DeepSpeed state (module, optimizer partitions, lr scheduler), every rank
         model.safetensors          consolidated fp32 weights (gathered at any ZeRO stage)
         ema_<rate>.safetensors     fp32 EMA weights, one file per rate
+        ds_N/, N.safetensors, N.ema_<rate>.safetensors    the same for each further trained network N of the
+                                   objective (trainer.networks; frozen networks are not saved)
         objective.safetensors      the objective's synced state (e.g. the loss-aware sampler; same on all ranks)
         rank_00000.json            per rank: data-stream position
         rng_00000.safetensors      per rank: torch RNG states
         config.json                the full nested TrainConfig
-        meta.json                  step, objective, model config, diffusion kwargs, EMA rates, world size, and
+        meta.json                  step, objective, kind, model config, diffusion kwargs, EMA rates, world size,
+                                   the trained networks (when not the one "model": their EMA and export flags), and
                                    "files": size and sha256 of every other file of the folder (written last)
     RUN_DIR/checkpoints/latest     text file naming the newest complete folder (atomically replaced)
 
@@ -25,7 +28,6 @@ about 1 s per GB on each rank) and falls back to the newest intact one, saying w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from data.cli import ArgumentParser, UsageError, run_cli
-from data.fsio import atomic_save_safetensors, atomic_write_json, atomic_write_text, fsync_dir
+from data.fsio import atomic_save_safetensors, atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from trainer.networks import DEFAULT, deepspeed_dir, weights_file
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -61,14 +64,6 @@ def checkpoint_folders(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, "checkpoints")
     names = sorted((d for d in os.listdir(folder) if STEP_RE.match(d)), reverse=True) if os.path.isdir(folder) else []
     return [os.path.join(folder, d) for d in names]
-
-
-def sha256_file(path: str, chunk: int = 1 << 23) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -200,20 +195,13 @@ class Checkpointer:
         return latest_checkpoint(self.run_dir)
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, *, engine, ema, objective, stream, config: dict[str, Any], meta: dict[str, Any]) -> str:
-        """Collective. A failed write on any rank: SaveError on every rank, nothing published, `latest` kept."""
-        tmp = self._begin(step)
-        ds = os.path.join(tmp, "ds")
-        self._guard(ds, lambda: engine.save_checkpoint(ds, tag="ds", save_latest=False), deepspeed_save=True)
-        buffers = {k: b.cpu() for k, b in engine.module.named_buffers()}
-        masters = ema.full_masters()  # collectives: every rank takes part, rank 0 gets the tensors
-        if self.rank == 0:
-            self._write(tmp, "model.safetensors", {**masters, **buffers})
-        del masters
-        for r in ema.rates:
-            full = ema.full_state_dict(r)
-            if self.rank == 0:
-                self._write(tmp, f"ema_{r}.safetensors", {**full, **buffers})
+    def save(self, step: int, *, engines: dict[str, Any], emas: dict[str, Any], objective, stream,
+             config: dict[str, Any], meta: dict[str, Any]) -> str:
+        """Collective. `engines`/`emas`: {network name: DeepSpeed engine / its EMA}. A failed write on any rank:
+        SaveError on every rank, nothing published, `latest` kept."""
+        tmp = self._begin(step, list(engines))
+        for name, engine in engines.items():
+            self._save_network(tmp, name, engine, emas[name])
         if self.rank == 0:
             self._write(tmp, "objective.safetensors", objective.state_dict())
             self._guard(os.path.join(tmp, "config.json"), lambda: atomic_write_json(os.path.join(tmp, "config.json"),
@@ -226,6 +214,20 @@ class Checkpointer:
         self._write(tmp, f"rng_{self.rank:05d}.safetensors", rng)
         self._agree(step, tmp)
         return self._commit(step, {**meta, "step": step, "world_size": self.world})
+
+    def _save_network(self, tmp: str, name: str, engine, ema) -> None:
+        """Collective: one network's DeepSpeed state, consolidated fp32 weights and EMA weights."""
+        ds = os.path.join(tmp, deepspeed_dir(name))
+        self._guard(ds, lambda: engine.save_checkpoint(ds, tag="ds", save_latest=False), deepspeed_save=True)
+        buffers = {k: b.cpu() for k, b in engine.module.named_buffers()}
+        masters = ema.full_masters()  # collectives: every rank takes part, rank 0 gets the tensors
+        if self.rank == 0:
+            self._write(tmp, weights_file(name), {**masters, **buffers})
+        del masters
+        for r in ema.rates:
+            full = ema.full_state_dict(r)
+            if self.rank == 0:
+                self._write(tmp, weights_file(name, r), {**full, **buffers})
 
     def _guard(self, path: str, write: Callable[[], None], deepspeed_save: bool = False) -> None:
         """Run one write unless an earlier one failed on this rank; remember the first failure (path, error)."""
@@ -259,14 +261,15 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         raise SaveError(f"checkpoint of step {step} not saved: {first}")
 
-    def _begin(self, step: int) -> str:
-        """Collective: an empty temporary folder for this step (and its ds/ subfolder)."""
+    def _begin(self, step: int, networks: Sequence[str] = (DEFAULT,)) -> str:
+        """Collective: an empty temporary folder for this step (and a DeepSpeed subfolder per network)."""
         tmp = os.path.join(self.folder, step_name(step) + ".tmp")
         self.failure = None
         if self.rank == 0:
             def make() -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(os.path.join(tmp, "ds"))
+                for name in networks:
+                    os.makedirs(os.path.join(tmp, deepspeed_dir(name)))
             self._guard(tmp, make)
         self._agree(step, tmp)
         return tmp
@@ -297,18 +300,25 @@ class Checkpointer:
         """This rank's data-stream position (read before the stream is made)."""
         return read_json(folder, f"rank_{self.rank:05d}.json")["data"]
 
-    def load_engine(self, folder: str, engine) -> None:
-        """Collective: DeepSpeed's module, optimizer and lr-scheduler states (before the EMA takes its shards)."""
-        engine.load_checkpoint(os.path.join(folder, "ds"), tag="ds", load_module_strict=True,
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    def load_engine(self, folder: str, engine, name: str = DEFAULT) -> None:
+        """Collective: network `name`'s DeepSpeed module, optimizer and lr-scheduler states (before the EMA takes its
+        shards)."""
+        path = os.path.join(folder, deepspeed_dir(name))
+        if not os.path.isdir(path):
+            raise UsageError(f"{folder} holds no state of network {name!r} (saved by an objective with other networks);"
+                             f" use a new --run-dir")
+        engine.load_checkpoint(path, tag="ds", load_module_strict=True, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
 
-    def load_rest(self, folder: str, *, ema, objective) -> int:
-        """EMA shards, objective state and this rank's RNG states; returns the step to continue from."""
+    def load_rest(self, folder: str, *, emas: dict[str, Any], objective) -> int:
+        """EMA shards of every network, objective state and this rank's RNG states; returns the step to continue
+        from."""
         from safetensors.torch import load_file
         objective.load_state_dict(load_file(os.path.join(folder, "objective.safetensors")))
-        if ema.shards:
-            for r in ema.rates:
-                ema.load(r, load_file(os.path.join(folder, f"ema_{r}.safetensors")))
+        for name, ema in emas.items():
+            if ema.shards:
+                for r in ema.rates:
+                    ema.load(r, load_file(os.path.join(folder, weights_file(name, r))))
         rng = load_file(os.path.join(folder, f"rng_{self.rank:05d}.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():

@@ -24,7 +24,7 @@ from data.cli import UsageError
 from diffusion import create_diffusion
 from diffusion.classifier import CLASSIFIER_PRESETS, get_classifier_config
 from trainer.configlib import option
-from trainer.iddpm import diffusion_kwargs
+from trainer.unet_settings import diffusion_kwargs
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
@@ -55,6 +55,7 @@ class NoisyClassifier(Objective):
 
     Options = ClassifierOptions
     console = ("acc",)
+    kind = "classifier"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -281,6 +281,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Nested dict -> validated TrainConfig, the objective's options (under objective.NAME) included."""
     from trainer.objective import get_objective
     d = copy.deepcopy(d)
+    d.pop("frozen", None)  # config.json records the frozen networks' files (trainer.networks): not a setting
     obj = d.get("objective")
     opts = {k: obj.pop(k) for k in list(obj) if k not in ("name", "sampler_sync")} if isinstance(obj, dict) else {}
     cfg = configlib.from_dict(TrainConfig, d)
@@ -329,9 +330,6 @@ def validate(c: TrainConfig) -> None:
                          "--data 'shards/train-{000000..000003}.tar'")
     if not c.run.run_dir:
         raise UsageError("run.run_dir (--run-dir) is required (output folder)")
-    if c.diffusion.loss == "simple" and c.diffusion.learn_sigma and c.objective.name == "iddpm":
-        raise UsageError("diffusion.loss (--loss) simple with learned sigmas trains no variance: use --loss hybrid "
-                         "(what improved-diffusion trains for learned sigmas) or --no-learn-sigma")
     rates = c.ema_rates()
     try:
         if any(not 0.0 < float(r) < 1.0 for r in rates):
@@ -360,6 +358,8 @@ def validate(c: TrainConfig) -> None:
         raise UsageError(ZERO3_REASON)
     if c.optim.deepspeed_config and not os.path.isfile(c.optim.deepspeed_config):
         raise UsageError(f"optim.deepspeed_config (--deepspeed-config) {c.optim.deepspeed_config} does not exist")
+    from trainer.objective import get_objective
+    get_objective(c.objective.name).validate(c)  # the objective's own checks
 
 
 def frozen_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:

@@ -4,8 +4,11 @@
     python -m trainer.export RUN_DIR --format diffusers --out-dir DIR      (trainer/export_diffusers.py)
 
 writes `model.safetensors` (fp32 state dict) and `model.json`
-`{"model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int, "ema": str}` (plus "distill": the
-round's plan for a distilled student; a guidance-distilled one has model.guidance_embed true).
+`{"kind": how it is sampled, "model": ModelConfig dict, "diffusion": create_diffusion kwargs, "step": int,
+"ema": str}` (plus the objective's own entries, e.g. "distill": the round's plan for a distilled student; a
+guidance-distilled one has model.guidance_embed true). An objective with several networks exports every network it
+declares exported, into the one file, each tensor named `<network>.<parameter>`, and lists them under "networks";
+a network without EMA contributes its raw weights whatever --ema says.
 Checkpoints keep EMA and model weights already consolidated (gathered across ZeRO partitions when saved),
 so export works from any ZeRO stage without DeepSpeed.
 """
@@ -20,6 +23,7 @@ import torch
 
 from data.cli import ArgumentParser, UsageError, run_cli
 from data.fsio import atomic_save_safetensors, atomic_write_json
+from trainer.networks import DEFAULT, weights_file
 
 
 def json_path_for(path: str) -> str:
@@ -135,8 +139,28 @@ def export_run(run_dir: str, ema: str, out: str) -> tuple[str, str]:
     """Export EMA `ema` (a rate such as 0.9999, a tracked power-function EMA such as phema_0.05, or "model") from
     the latest checkpoint of `run_dir` to `out`."""
     state, meta, key = run_weights(run_dir, ema)
-    return save_exported(out, state, meta["model"], meta["diffusion"], step=int(meta["step"]), ema=key,
-                         extra={"distill": meta["distill"]} if "distill" in meta else None)
+    return save_exported(out, state, meta.get("model", {}), meta.get("diffusion", {}), step=int(meta["step"]), ema=key,
+                         extra=export_extra(meta))
+
+
+def export_extra(meta: dict[str, Any]) -> dict[str, Any]:
+    """The entries of an exported file's JSON beyond model/diffusion/step/ema, from its checkpoint's meta.json: the
+    "kind", the objective's own entries (e.g. "distill") and, for several networks, the exported "networks"."""
+    extra = {k: v for k, v in meta.items() if k not in CHECKPOINT_ONLY}
+    if "networks" in meta:
+        extra["networks"] = sorted(exported_networks(meta))
+    return extra
+
+
+# entries of a checkpoint's meta.json that describe the run, not the exported file
+CHECKPOINT_ONLY = ("objective", "ema_rates", "rollbacks", "step", "world_size", "files", "model", "diffusion",
+                   "networks")
+
+
+def exported_networks(meta: dict[str, Any]) -> dict[str, dict[str, bool]]:
+    """{network: {"ema": bool, "export": True}} of the networks a checkpoint exports (older runs: "model")."""
+    nets = meta.get("networks") or {DEFAULT: {"ema": True, "export": True}}
+    return {k: v for k, v in nets.items() if v.get("export", True)}
 
 
 def default_ema(run_dir: str) -> str:
@@ -154,18 +178,22 @@ def run_weights(run_dir: str, ema: str) -> tuple[dict[str, torch.Tensor], dict[s
     with open(os.path.join(ckpt, "meta.json")) as f:
         meta = json.load(f)
     rates = [str(r) for r in meta.get("ema_rates", [])]
-    if ema == "model":
-        src = os.path.join(ckpt, "model.safetensors")
-    else:
+    key = ema
+    if ema != "model":
         try:
             key = next(r for r in rates if r == ema or (_number(r) is not None and _number(r) == _number(ema)))
         except StopIteration:
             raise UsageError(f"--ema {ema}: this run keeps EMA rates {','.join(rates) or '(none)'}; "
                              f"pick one of them or 'model'") from None
-        src = os.path.join(ckpt, f"ema_{key}.safetensors")
-    if not os.path.isfile(src):
-        raise UsageError(f"checkpoint {ckpt} lacks {os.path.basename(src)}")
-    return load_file(src, device="cpu"), meta, (ema if ema == "model" else key)
+    nets = exported_networks(meta)
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in nets.items():
+        src = os.path.join(ckpt, weights_file(name, key if key != "model" and spec.get("ema", True) else None))
+        if not os.path.isfile(src):
+            raise UsageError(f"checkpoint {ckpt} lacks {os.path.basename(src)}")
+        prefix = "" if list(nets) == [DEFAULT] else name + "."
+        state.update({prefix + k: v for k, v in load_file(src, device="cpu").items()})
+    return state, meta, key
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,42 +8,13 @@ from typing import Any
 
 import torch
 
+from data.cli import UsageError
 from diffusion import ClassifierFreeGuidance, create_diffusion, create_timestep_sampler
-from diffusion.presets import PRESETS, create_model_from_config
+from diffusion.presets import create_model_from_config
 from diffusion.timestep_samplers import SAMPLERS
 from trainer.configlib import option
 from trainer.objective import Batch, Net, Objective, register_objective
-
-
-def model_config_dict(cfg: Any) -> dict[str, Any]:
-    """The UNet configuration of a run: its preset with the config's overrides (`diffusion.presets` dict)."""
-    m = cfg.model
-    o: dict[str, Any] = {"learn_sigma": cfg.diffusion.learn_sigma, "use_checkpoint": m.grad_checkpoint}
-    for k in ("image_size", "num_classes", "dropout"):
-        if getattr(m, k) is not None:
-            o[k] = getattr(m, k)
-    if o.get("num_classes") == 0:
-        o["num_classes"] = None
-    return PRESETS[m.size].replace(**o).to_dict()
-
-
-def diffusion_kwargs(cfg: Any) -> dict[str, Any]:
-    """`create_diffusion` keyword arguments of a run."""
-    d = cfg.diffusion
-    return dict(steps=d.steps, noise_schedule=d.noise_schedule, learn_sigma=d.learn_sigma, loss=d.loss,
-                vlb_weight=d.vlb_weight)
-
-
-def grid_labels(num_classes: int, n: int) -> torch.Tensor | None:
-    """Labels of the preview grid: 8 per class for <= 10 classes (one row each), else one each of the first 64
-    classes; `n` > 0 overrides the count (labels cycle through the classes)."""
-    if not num_classes:
-        return None
-    per = 8 if num_classes <= 10 else 1
-    labels = torch.arange(min(num_classes, 10 if num_classes <= 10 else 64)).repeat_interleave(per)
-    if not n:
-        return labels
-    return labels[:n] if n <= len(labels) else torch.arange(n) % num_classes
+from trainer.unet_settings import diffusion_kwargs, grid_labels, model_config_dict
 
 
 @dataclass
@@ -61,6 +32,23 @@ class ImprovedDDPM(Objective):
 
     Options = IddpmOptions
     console = ("mse", "vb")
+    kind = "ddpm"
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if cfg.diffusion.loss == "simple" and cfg.diffusion.learn_sigma:
+            raise UsageError("diffusion.loss (--loss) simple with learned sigmas trains no variance: use --loss hybrid "
+                             "(what improved-diffusion trains for learned sigmas) or --no-learn-sigma")
+
+    @classmethod
+    def check_data(cls, cfg: Any, shape: tuple[int, ...]) -> None:
+        """The UNet's side must be the data's (a convolutional UNet would train on any size and be exported with the
+        wrong one)."""
+        side = model_config_dict(cfg)["image_size"]
+        if shape != (side, side):
+            raise UsageError(f"--data {cfg.data.source} holds {shape[0]}x{shape[1]} images but the model is {side} px;"
+                             f" pass --data-image-size {side} to resize them when read, or --image-size {shape[0]} for "
+                             f"a model of their size")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -35,9 +35,11 @@ from trainer.dist import Launch, Watchdog, init
 from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
 from trainer.images import save_grid
 from trainer.metrics import MetricSums, reduce_metrics
+from trainer.networks import DEFAULT, Network, check_networks, frozen_mismatch, frozen_record, prepare_frozen
 from trainer.objective import Objective, get_objective
 from trainer.phema import write_snapshot
 from trainer.preemption import Preemption, request_requeue
+from trainer.step import Step
 from trainer.sync import mpi_all_gather, torch_all_gather
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,8 +53,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """One training run of one objective on this rank. `run()` trains to `optim.total_steps` and returns the
-    exit code (0 done, 3 non-finite loss, 74 a checkpoint could not be written, 75 preempted)."""
+    """One training run of one objective on this rank: a DeepSpeed engine and EMAs per trained network of the
+    objective (`engines`, `emas`), its frozen networks on the device. `run()` trains to `optim.total_steps` and
+    returns the exit code (0 done, 3 non-finite loss, 74 a checkpoint could not be written, 75 preempted)."""
 
     def __init__(self, cfg: TrainConfig, launch: Launch) -> None:
         self.cfg, self.rank, self.world, self.launcher = cfg, launch.rank, launch.world, launch.launcher
@@ -68,15 +71,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.objective: Objective = get_objective(cfg.objective.name)(cfg)
         self.ds_config = deepspeed_config(cfg, self.world)  # the user's JSON is read once
-        self.engine = self._make_engine(self.objective.build_model())
+        self.dtype = DTYPES[cfg.optim.precision]
+        self._build_networks(self.objective.networks())
         self.step = self.start_step = self.rollbacks = 0
         self._load(self.resume_from)
         self.start_step = self.step
         self.all_gather = mpi_all_gather() if cfg.objective.sampler_sync == "mpi" else torch_all_gather(self.device)
-        self.dtype = DTYPES[cfg.optim.precision]
         self.metrics, self.stop = MetricSums(), Preemption()
         self.writer = self._open_writer() if self.rank == 0 else None
-        self.grad_norm, self.wait = float("nan"), 0.0  # wait: seconds spent waiting for data in this step
+        self.grad_norms = {name: float("nan") for name in self.engines}  # fp32 ZeRO-0 norms taken by the loop
+        self.wait = 0.0  # seconds spent waiting for data in this step
         self.watchdog = Watchdog(self.rank, cfg.run.collective_timeout, lambda: self.step, EXIT_RANK_LOST)
         self._reset_timers(time.perf_counter())
 
@@ -102,17 +106,42 @@ class Trainer:
             raise UsageError(f"{self.resume_from} was saved by {saved_world} ranks, this job has {self.world}; "
                              f"resume with {saved_world} ranks (the data position is per rank)")
 
+    def _build_networks(self, nets: dict[str, Network]) -> None:
+        """An engine per trained network (in declaration order), frozen ones on the device; `nets`: every network as
+        a function for the objective. A frozen network's file must be the one the run started with."""
+        check_networks(nets, self.cfg.optim.zero_stage)
+        self.networks = nets
+        self.frozen_files = frozen_record(nets)
+        if self.resume_from:
+            problem = frozen_mismatch(read_json(self.resume_from, "config.json").get("frozen", {}), self.frozen_files)
+            if problem:
+                raise UsageError(f"{self.cfg.run.run_dir}: {problem}")
+        ema_nets = [k for k, n in nets.items() if n.ema and not n.frozen]
+        if self.cfg.phema_sigmas() and len(ema_nets) != 1:
+            raise UsageError(f"optim.phema (--phema) tracks the EMAs of one network; objective {self.cfg.objective.name}"
+                             f" keeps EMAs of {len(ema_nets)} ({', '.join(ema_nets) or 'none'}): leave --phema out")
+        self.engines = {k: self._make_engine(n) for k, n in nets.items() if not n.frozen}
+        self.primary = DEFAULT if DEFAULT in self.engines else next(iter(self.engines))  # its figures are train/*
+        self.engine = self.engines[self.primary]
+        self.nets = {k: (self._engine_fn(self.engines[k]) if not n.frozen else prepare_frozen(n, self.device, self.dtype))
+                     for k, n in nets.items()}
+        self.objective.nets = self.nets
+
     def _load(self, folder: str | None) -> None:
-        """Collective: the engine from `folder` (None: fresh), then the EMA shards, objective state, RNG and step."""
+        """Collective: the engines from `folder` (None: fresh), then the EMA shards, objective state, RNG and step."""
         if folder:
-            self.ckpt.load_engine(folder, self.engine)
+            for name, engine in self.engines.items():
+                self.ckpt.load_engine(folder, engine, name)
         # each rank averages the piece of the fp32 masters it owns; shards are taken after the load (DeepSpeed
-        # re-links its fragments)
-        shards, sharded = local_master_shards(self.engine, self.rank, self.world)
-        self.ema = EMA(self.cfg.ema_profiles(), shards, sharded, param_shapes(self.engine.module), self.device)
-        self.ema.check_coverage()
+        # re-links its fragments). A network without EMA gets an EMA object with no profiles: its masters.
+        self.emas = {}
+        for name, engine in self.engines.items():
+            shards, sharded = local_master_shards(engine, self.rank, self.world)
+            profiles = self.cfg.ema_profiles() if self.networks[name].ema else []
+            self.emas[name] = EMA(profiles, shards, sharded, param_shapes(engine.module), self.device)
+            self.emas[name].check_coverage()
         if folder:
-            self.step = self.ckpt.load_rest(folder, ema=self.ema, objective=self.objective)
+            self.step = self.ckpt.load_rest(folder, emas=self.emas, objective=self.objective)
             self.rollbacks = int(read_json(folder, "meta.json").get("rollbacks", 0))
 
     def _open_data(self) -> tuple[TrainStream, Iterator]:
@@ -124,30 +153,22 @@ class Trainer:
                                  image_size=d.image_size, resize=d.resize)
         except DataError as e:
             raise UsageError(f"--data {d.source}: {e}") from None
-        self._check_image_size(tuple(stream.spec.shape))
+        get_objective(self.cfg.objective.name).check_data(self.cfg, tuple(stream.spec.shape))
         return stream, iter(stream)
 
-    def _check_image_size(self, shape: tuple[int, ...]) -> None:
-        """The built-in objective's UNet side must be the data's (a convolutional UNet would train on any size and
-        be exported with the wrong one)."""
-        if self.cfg.objective.name != "iddpm":
-            return
-        from trainer.iddpm import model_config_dict
-        side = model_config_dict(self.cfg)["image_size"]
-        if shape != (side, side):
-            raise UsageError(f"--data {self.cfg.data.source} holds {shape[0]}x{shape[1]} images but the model is "
-                             f"{side} px; pass --data-image-size {side} to resize them when read, or --image-size "
-                             f"{shape[0]} for a model of their size")
-
-    def _make_engine(self, model: torch.nn.Module):
-        cfg = self.cfg
+    def _make_engine(self, network: Network):
+        cfg, model = self.cfg, network.module
         if cfg.optim.zero_stage == 3 and self.objective.zero3_leaf_modules():
             set_z3_leaf_modules(model, self.objective.zero3_leaf_modules(), raise_if_not_found=False)
         warm = cfg.optim.warmup_steps
         sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))) if warm \
             else None
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=copy.deepcopy(self.ds_config), lr_scheduler=sched)
+        ds = copy.deepcopy(self.ds_config)
+        own = {"lr": network.lr, "betas": list(network.betas) if network.betas else None,
+               "weight_decay": network.weight_decay}
+        ds["optimizer"]["params"].update({k: v for k, v in own.items() if v is not None})
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds,
+                                               lr_scheduler=sched)
         if cfg.model.compile:  # in place: parameter names, checkpoints and the EMA's views are unchanged
             from trainer.compile import compile_engine
             compile_engine(engine, cfg.optim.zero_stage)
@@ -158,15 +179,18 @@ class Trainer:
     def _open_writer(self) -> SummaryWriter:
         cfg, run_dir = self.cfg, self.cfg.run.run_dir
         os.makedirs(run_dir, exist_ok=True)
-        config = cfg.to_dict()
+        config = self.run_config()
         atomic_write_json(os.path.join(run_dir, "config.json"), config)
         w = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=self.step + 1 if self.step else None)
         w.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", self.step)
         w.add_text("deepspeed_config", "```\n" + json.dumps(self.ds_config, indent=2) + "\n```", self.step)
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        sizes = {k: sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters()) for k, e in self.engines.items()}
+        n_params = sum(sizes.values())
+        nets = "" if list(self.networks) == [DEFAULT] else " [" + ", ".join(
+            f"{k} {sizes[k] / 1e6:.2f}M" if k in sizes else f"{k} frozen" for k in self.networks) + "]"
         start = f"resuming at step {self.step} from {self.resume_from}" if self.resume_from else "fresh start"
         print(f"trainer: {self.launcher} launch, {self.world} rank(s) on {self.device.type}, {cfg.objective.name} "
-              f"objective, {cfg.model.size} ({n_params / 1e6:.2f}M params), global batch {cfg.optim.global_batch} = "
+              f"objective, {cfg.model.size} ({n_params / 1e6:.2f}M params){nets}, global batch {cfg.optim.global_batch} = "
               f"{self.micro} x {self.accum} accum x {self.world} ranks, {cfg.optim.precision}, ZeRO-"
               f"{cfg.optim.zero_stage}, {start}; TensorBoard: {os.path.join(cfg.run.run_dir, 'tb')}", flush=True)
         return w
@@ -174,9 +198,17 @@ class Trainer:
     def _reset_timers(self, now: float) -> None:
         self.t_log, self.steps_since_log, self.wait_since_log, self.step_time_since_log = now, 0, 0.0, 0.0
 
-    def net(self, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
-        """The engine as a function: inputs in the engine's dtype, outputs back in fp32."""
-        return self.engine(x.to(self.dtype), t, **kw).float()
+    def _engine_fn(self, engine):
+        """An engine as a function: inputs in the engine's dtype, outputs back in fp32."""
+        dtype = self.dtype
+
+        def net(x: torch.Tensor, *args, **kw) -> torch.Tensor:
+            return engine(x.to(dtype), *args, **kw).float()
+        return net
+
+    def run_config(self) -> dict:
+        """config.json: the settings, plus the frozen networks' files and sha256 (a resume refuses other files)."""
+        return {**self.cfg.to_dict(), **({"frozen": self.frozen_files} if self.frozen_files else {})}
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self) -> tuple[bool, bool]:
@@ -185,21 +217,12 @@ class Trainer:
         seed, log_now = self.cfg.run.seed, self._log_due(self.step + 1)
         torch.manual_seed(derive_seed(seed, self.rank, self.step, 1))  # dropout etc.
         g = torch.Generator(device=self.device).manual_seed(derive_seed(seed, self.rank, self.step, 0))
-        finite = True
-        for _ in range(self.accum):
-            t_wait = time.perf_counter()
-            x, y = next(self.batches)
-            self.wait += time.perf_counter() - t_wait
-            batch = (x.to(self.device, non_blocking=True), y.to(self.device))
-            loss, metrics = self.objective.loss(self.net, batch, g)  # per-sample [B] and named [B] metrics
-            self.engine.backward(loss.mean())
-            if log_now:
-                self._fp32_grad_norm()
-            self.engine.step()
-            finite &= bool(torch.isfinite(loss.detach()).all())
-            self.metrics.add({"loss": loss.detach(), **metrics})
-        preempted, nonfinite = self._sync(finite)
-        self.ema.update(self.step + 1)  # local: this rank's shards of the fp32 masters, no communication
+        step = Step(self, g, log_now)
+        self.objective.train_step(step)  # default: accum x (loss -> backward -> step) of the one network
+        self.wait += step.wait
+        preempted, nonfinite = self._sync(step.finite)
+        for ema in self.emas.values():
+            ema.update(self.step + 1)  # local: this rank's shards of the fp32 masters, no communication
         self.step += 1
         return preempted, nonfinite
 
@@ -218,14 +241,19 @@ class Trainer:
             self.objective.apply_synced(gathered[:, :-1, :rows.shape[1]].reshape(-1, rows.shape[1]))
         return bool(flags[0] > 0), nonfinite
 
-    def _fp32_grad_norm(self) -> None:
-        """fp32 ZeRO-0 DeepSpeed does not report the gradient norm: take it at the accumulation boundary (the
-        gradients are already averaged over ranks there)."""
-        e = self.engine
+    def fp32_grad_norm(self, name: str) -> None:
+        """fp32 ZeRO-0 DeepSpeed does not report the gradient norm: take network `name`'s at the accumulation
+        boundary (the gradients are already averaged over ranks there)."""
+        e = self.engines[name]
         if e.is_gradient_accumulation_boundary() and e.get_global_grad_norm() is None \
                 and self.cfg.optim.zero_stage == 0 and self.cfg.optim.precision == "fp32":
             grads = [p.grad for p in e.module.parameters() if p.grad is not None]
-            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+            if grads:
+                self.grad_norms[name] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+
+    def _grad_norm(self, name: str) -> float:
+        gn = self.engines[name].get_global_grad_norm()
+        return float(gn) if gn is not None else self.grad_norms[name]
 
     def _log_due(self, step: int) -> bool:
         return step % self.cfg.log.log_every == 0 or step == self.cfg.optim.total_steps
@@ -301,8 +329,7 @@ class Trainer:
         means, ranks = reduce_metrics(self.metrics, per_rank, self.all_gather, self.world)
         if self.writer is not None:
             e, n = self.engine, self.steps_since_log
-            gn = e.get_global_grad_norm()
-            gn = float(gn) if gn is not None else self.grad_norm
+            gn = self._grad_norm(self.primary)
             scale = getattr(e.optimizer, "cur_scale", getattr(e.optimizer, "loss_scale", 1.0))
             s = {f"train/{k}": v for k, v in means.items()}
             s.update({"train/grad_norm": gn, "train/lr": e.get_lr()[0], "train/loss_scale": float(scale or 1.0),
@@ -310,6 +337,9 @@ class Trainer:
                       "perf/data_wait_s": self.wait_since_log / n, "data/bad_samples": sum(ranks["bad_samples"]),
                       "mem/peak_mb_max_rank": max(ranks["peak_mb"])})
             s.update({f"perf/images_per_s_rank{r}": v for r, v in enumerate(ranks["images_per_s"])})
+            for k in self.engines:  # every other trained network's own figures
+                if k != self.primary:
+                    s.update({f"train/{k}/grad_norm": self._grad_norm(k), f"train/{k}/lr": self.engines[k].get_lr()[0]})
             for k, v in s.items():
                 self.writer.add_scalar(k, float(v), self.step)
             self.writer.flush()
@@ -341,11 +371,12 @@ class Trainer:
         self._load(folder)
         f = cfg.optim.rollback_lr_factor
         self.rollbacks += 1
-        sched = self.engine.lr_scheduler
-        if sched is not None and hasattr(sched, "base_lrs"):
-            sched.base_lrs = [lr * f for lr in sched.base_lrs]
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] *= f
+        for engine in self.engines.values():
+            sched = engine.lr_scheduler
+            if sched is not None and hasattr(sched, "base_lrs"):
+                sched.base_lrs = [lr * f for lr in sched.base_lrs]
+            for g in engine.optimizer.param_groups:
+                g["lr"] *= f
         self.metrics.reset()
         self._reset_timers(time.perf_counter())
         lr = self.engine.get_lr()[0]
@@ -359,10 +390,12 @@ class Trainer:
 
     def save(self) -> str:
         """Collective: a checkpoint of every component at the current step."""
-        meta = {"objective": self.cfg.objective.name, **self.objective.export_config(),
-                "ema_rates": self.ema.rates, "rollbacks": self.rollbacks}
-        return self.ckpt.save(self.step, engine=self.engine, ema=self.ema, objective=self.objective,
-                              stream=self.stream, config=self.cfg.to_dict(), meta=meta)
+        nets = {k: {"ema": n.ema, "export": n.export} for k, n in self.networks.items() if not n.frozen}
+        meta = {"objective": self.cfg.objective.name, "kind": self.objective.kind, **self.objective.export_config(),
+                "ema_rates": self.cfg.ema_profiles(), "rollbacks": self.rollbacks,
+                **({"networks": nets} if list(nets) != [DEFAULT] else {})}
+        return self.ckpt.save(self.step, engines=self.engines, emas=self.emas, objective=self.objective,
+                              stream=self.stream, config=self.run_config(), meta=meta)
 
     def _snapshot_due(self, preempted: bool) -> bool:
         """Post-hoc EMA snapshots every `phema_every` images (0: with every checkpoint), and at the last step."""
@@ -379,8 +412,9 @@ class Trainer:
         """Collective: the power-function EMAs, assembled on rank 0, written as one fp16/bf16 snapshot file. False
         on every rank (after one line with the path and the free space) when rank 0 could not write it: a missing
         snapshot is a hole in the post-hoc EMA reconstruction, so training stops like on a failed checkpoint."""
-        buffers = {k: b.cpu() for k, b in self.engine.module.named_buffers()}
-        states = {s: self.ema.full_state_dict(PHEMA_PREFIX + s) for s in self.cfg.phema_sigmas()}
+        name = next(k for k, n in self.networks.items() if n.ema and not n.frozen)  # the one (see _build_networks)
+        buffers = {k: b.cpu() for k, b in self.engines[name].module.named_buffers()}
+        states = {s: self.emas[name].full_state_dict(PHEMA_PREFIX + s) for s in self.cfg.phema_sigmas()}
         failed = torch.zeros(1, device=self.device)
         if self.rank == 0:
             try:
@@ -406,11 +440,14 @@ class Trainer:
     def preview(self) -> None:
         """Collective: the objective's preview grid from each classic EMA (assembled on rank 0), PNG and
         TensorBoard."""
-        rates = self.cfg.ema_rates()
-        weights = {r: self.ema.full_state_dict(r) for r in rates}
+        name = self.objective.preview_network
+        ema = self.emas[name]
+        rates = self.cfg.ema_rates() if self.networks[name].ema else []
+        weights = {r: ema.full_state_dict(r) for r in rates} if rates else {"model": ema.full_masters()}
+        rates = rates or ["model"]
         if self.rank == 0:
-            model = self.objective.build_model().to(self.device).eval()
-            buffers = dict(self.engine.module.named_buffers())
+            model = self.objective.networks()[name].module.to(self.device).eval()
+            buffers = dict(self.engines[name].module.named_buffers())
             for r in rates:
                 model.load_state_dict({**weights.pop(r), **buffers}, strict=True)
                 out = self.objective.preview(model, self.device, self.cfg.run.seed + PREVIEW_SEED_OFFSET)

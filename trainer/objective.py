@@ -1,10 +1,16 @@
 """What is trained: the objective interface and its registry.
 
 An objective is the only part of the trainer that knows what is trained. The loop (`trainer.loop`) owns DeepSpeed,
-accumulation, EMA, checkpoints, resume, preemption, logging; it asks the objective to
+accumulation, EMA, checkpoints, resume, preemption, logging, for whatever networks the objective declares; it asks
+the objective for
 
-- `build_model()`: the network DeepSpeed trains (one `nn.Module`; wrap several in a `ModuleDict`), built
-  identically on every rank (the loop seeds torch first);
+- `networks()`: `{name: trainer.networks.Network}`, built identically on every rank (the loop seeds torch first):
+  each trained one with its own optimizer settings, EMA on or off, exported or not; frozen ones (a teacher, an
+  autoencoder) declared frozen. The default is one trained network, "model", from `build_model()`;
+- `train_step(step)`: one optimizer step of the run (`trainer.step.Step`: its micro-batches, the networks as
+  functions, backward and step per network, metrics). The default runs `accum` micro-batches of
+  `loss(net, batch, generator)` -> backward -> step on "model": override `loss` for a one-network objective, or
+  `train_step` to alternate networks, add backward passes (a gradient penalty) or run MCMC before the loss;
 - `loss(net, batch, generator)`: per-sample losses `[B]` (their mean is backpropagated) and named per-sample
   metrics `{name: [B]}` (NaN = "not counted", e.g. a timestep quartile the sample is not in), from one micro-batch
   `(x [B, C, H, W] in [-1, 1], y [B] int64)`; every random draw comes from `generator` (seeded from
@@ -13,9 +19,12 @@ accumulation, EMA, checkpoints, resume, preemption, logging; it asks the objecti
   loss history) travels as float64 rows `[n, k]` in the loop's one all-gather per step; `apply_synced` receives every
   rank's rows in rank order, or nothing on a step with a non-finite loss anywhere;
 - `state_dict()` / `load_state_dict()`: that state, checkpointed (identical on every rank: saved once);
-- `export_config()`: the JSON next to exported weights (`model` config for `diffusion.presets`, `diffusion` kwargs);
+- `export_config()`: the JSON next to exported weights (`model` config for `diffusion.presets`, `diffusion` kwargs),
+  under the top-level `kind` the objective names (how the file is sampled);
 - `preview(model, device, seed)`: a sample grid `(images [N, C, H, W] in [-1, 1], columns)` from a copy of the
-  network holding EMA weights, or None.
+  network `preview_network` holding EMA weights, or None;
+- `validate(cfg)` (before any process starts) and `check_data(cfg, shape)` (once the data's image shape is known):
+  one `UsageError` line for settings or data this objective cannot train on.
 
 `--objective NAME` picks a registered objective; `--objective package.module:Class` or `--objective
 path/to/file.py:Class` imports one from elsewhere. An objective may declare its own settings as an `Options`
@@ -28,28 +37,58 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from data.cli import UsageError
+from trainer.networks import DEFAULT, Network
+
+if TYPE_CHECKING:
+    from trainer.step import Step
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Net = Callable[..., torch.Tensor]  # the engine as a function: inputs cast to its dtype, outputs back in fp32
 
 
 class Objective:
-    """Base class: override `build_model`, `loss` and `export_config`; the rest has stateless defaults."""
+    """Base class. One network: override `build_model`, `loss` and `export_config`. Several: override `networks`,
+    `train_step` and `export_config`. The rest has stateless defaults."""
 
     Options: type | None = None  # a dataclass of configlib options, or None
     console: tuple[str, ...] = ()  # metric names printed on the console line after the loss
+    kind: str = "ddpm"  # how an exported file of this objective is sampled (the top-level "kind" of its JSON)
+    preview_network: str = DEFAULT  # the network whose EMA weights `preview` gets
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.options = cfg.objective.options
+        self.nets: dict[str, Net] = {}  # every network as a function, set by the loop once they are on the device
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        """Settings this objective cannot train with: raise UsageError (one line). Runs before any process group."""
+
+    @classmethod
+    def check_data(cls, cfg: Any, shape: tuple[int, ...]) -> None:
+        """The training images' shape (H, W), known before any process group: raise UsageError (one line) when this
+        objective cannot train on them."""
+
+    def networks(self) -> dict[str, Network]:
+        """{name: Network}; default: one trained network "model" from `build_model()`, with EMA, exported."""
+        return {DEFAULT: Network(self.build_model())}
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def train_step(self, step: "Step") -> None:
+        """One optimizer step: `step.accum` micro-batches, each loss -> backward -> step of "model"."""
+        for _ in range(step.accum):
+            batch = step.batch()
+            loss, metrics = self.loss(step.net(DEFAULT), batch, step.generator)
+            step.backward(DEFAULT, loss)
+            step.step(DEFAULT)
+            step.record(loss, metrics)
 
     def loss(self, net: Net, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -76,6 +115,7 @@ class Objective:
             raise ValueError(f"objective {type(self).__name__} keeps no state, got {sorted(state)}")
 
     def preview(self, model: torch.nn.Module, device: torch.device, seed: int) -> tuple[torch.Tensor, int] | None:
+        """A sample grid from `model`, a copy of network `preview_network` holding EMA weights; None: no grid."""
         return None
 
     def figures(self, model: torch.nn.Module) -> dict[str, Any]:

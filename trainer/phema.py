@@ -402,7 +402,7 @@ def run_meta(run_dir: str) -> dict:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from trainer.export import save_exported
+    from trainer.export import export_extra, save_exported
     p = ArgumentParser(prog="trainer.phema",
                        description="Reconstruct post-hoc EMA weights (EDM2) of a run from its phema/ snapshots and "
                                    "export them as safetensors + JSON.")
@@ -429,7 +429,7 @@ def _main(argv: Sequence[str] | None) -> int:
     for pl in plans:
         path = os.path.join(a.out_dir, f"phema_{pl.sigma_rel}.safetensors")
         save_exported(path, states[pl.sigma_rel], meta["model"], meta["diffusion"], step=pl.step,
-                      ema=f"phema_{pl.sigma_rel}")
+                      ema=f"phema_{pl.sigma_rel}", extra=export_extra(meta))
         print(f"{pl.sigma_rel:>9} {pl.gamma:9.3f} {pl.x.sum():9.5f} {np.abs(pl.x).sum():9.3f} "
               f"{pl.fit_error:9.2e}  {path}")
     return 0

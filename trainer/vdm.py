@@ -37,7 +37,7 @@ from diffusion.losses import NATS_TO_BITS
 from diffusion.vdm import GAMMA_MAX, GAMMA_MIN, SCHEDULE_KINDS, build_vdm, low_discrepancy_t, plot_snr, sample, \
     snr_curves, vdm_kwargs
 from trainer.configlib import option
-from trainer.iddpm import grid_labels, model_config_dict
+from trainer.unet_settings import grid_labels, model_config_dict
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
@@ -74,6 +74,7 @@ class VariationalDiffusion(Objective):
 
     Options = VdmOptions
     console = ("diff_bpd", "recon_bpd", "gamma_min", "gamma_max")
+    kind = "vdm"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -36,6 +36,7 @@ from diffusion.gaussian_diffusion import MEAN_TYPES, GaussianDiffusion
 from diffusion.losses import mean_flat
 from diffusion.presets import create_model_from_config
 from trainer.configlib import option
+from trainer.networks import DEFAULT, Network, frozen
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
@@ -149,6 +150,7 @@ class Distill(Objective):
 
     Options = DistillOptions
     console = ("xmse",)
+    kind = "ddpm"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -168,9 +170,12 @@ class Distill(Objective):
         self.student_steps = o.teacher_steps // o.substeps
         self.diffusion_kw = student_kwargs(dkw, self.student_steps, o.student_mean_type)
         self.diffusion = create_diffusion(**self.diffusion_kw)
-        self.teacher_fn = ClassifierFreeGuidance(self.teacher, o.teacher_guidance, self.num_classes) \
-            if o.teacher_guidance > 0 else self.teacher
         self.teacher_path = os.path.abspath(o.teacher)
+
+    def networks(self) -> dict[str, Network]:
+        """The student (trained, from the teacher's weights) and the teacher (frozen: its file's sha256 is recorded,
+        a resume with another teacher file is refused)."""
+        return {DEFAULT: Network(self.build_model()), "teacher": frozen(self.teacher, self.teacher_path)}
 
     def build_model(self) -> torch.nn.Module:
         """The teacher's network with the teacher's weights (the student's starting point); with a sampled guidance
@@ -194,13 +199,14 @@ class Distill(Objective):
         size = self.model_cfg.get("image_size")
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             raise UsageError(f"--teacher was trained on {size} px images but a batch holds {tuple(x.shape[-2:])} px")
-        self.teacher.to(x.device)
         r, K = self.options.substeps, self.student_steps
         j = torch.randint(0, K, (x.shape[0],), generator=generator, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         x_t = self.diffusion.q_sample(x, j, noise=noise)
         kw = {"y": y} if self.num_classes else {}
-        teacher_fn, teacher_kw = self.teacher_fn, kw
+        teacher_fn, teacher_kw = self.nets["teacher"], kw  # on the run's device, in its precision
+        if self.options.teacher_guidance > 0:
+            teacher_fn = ClassifierFreeGuidance(teacher_fn, self.options.teacher_guidance, self.num_classes)
         if self.guidance_range is not None:  # w [B] ~ U[WMIN, WMAX]: the student's input, the teacher's scale
             lo, hi = self.guidance_range
             w = lo + (hi - lo) * torch.rand(x.shape[0], generator=generator, device=x.device)
@@ -208,7 +214,7 @@ class Distill(Objective):
             if self.teacher_embed:
                 teacher_kw = kw
             else:
-                teacher_fn = ClassifierFreeGuidance(self.teacher, w, self.num_classes)
+                teacher_fn = ClassifierFreeGuidance(self.nets["teacher"], w, self.num_classes)
         target = teacher_ddim_target(teacher_fn, self.teacher_diffusion, x_t, r * j + r - 1, substeps=r,
                                      clip=self.options.teacher_clip, model_kwargs=teacher_kw)
         out = net(x_t, self.diffusion.map_timesteps(j), **kw)
