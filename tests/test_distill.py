@@ -214,7 +214,7 @@ def test_later_round_teacher_takes_w_unguided(tmp_path):
     def teacher(a, t, **kw):
         seen.append((a.shape[0], kw["w"]))
         return obj.teacher(a, t, **kw)
-    obj.teacher_fn = teacher
+    obj.nets = {"teacher": teacher}  # as the trainer hands a frozen network to its objective
     student_w = []
     obj.loss(lambda a, t, **kw: student_w.append(kw["w"]) or student(a, t, **kw),
              (torch.rand(3, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2])), torch.Generator().manual_seed(0))

@@ -314,9 +314,8 @@ def test_data_of_another_image_size_than_the_model_is_refused() -> None:
     """A convolutional UNet would train on 8x8 digits as happily as on 16x16 ones and be exported as a 16 px model:
     the trainer compares the data's image size with the model's before any process group starts."""
     from trainer.config import parse_config
-    from trainer.loop import Trainer
-    t = Trainer.__new__(Trainer)
-    t.cfg = parse_config(["--data", "d8/train-manifest.json", "--run-dir", "r", "--model-size", "tiny16"])
-    t._check_image_size((16, 16))
+    from trainer.objective import get_objective
+    cfg = parse_config(["--data", "d8/train-manifest.json", "--run-dir", "r", "--model-size", "tiny16"])
+    get_objective("iddpm").check_data(cfg, (16, 16))
     with pytest.raises(UsageError, match="holds 8x8 images but the model is 16 px; pass --data-image-size 16"):
-        t._check_image_size((8, 8))
+        get_objective("iddpm").check_data(cfg, (8, 8))

@@ -28,12 +28,13 @@ Net = Callable[..., torch.Tensor]
 
 
 class Step:
-    """`accum`: micro-batches per optimizer step; `generator`: every random draw of this step on this rank (seeded
-    from (seed, rank, step), so a resumed run draws the same numbers)."""
+    """`index`: optimizer steps the run has taken before this one (0 first); `accum`: micro-batches per optimizer
+    step; `micro`: images per micro-batch on this rank; `generator`: every random draw of this step on this rank (seeded from (seed, rank, step), so a resumed run
+    draws the same numbers)."""
 
     def __init__(self, trainer: "Trainer", generator: torch.Generator, log_now: bool) -> None:
         self._t, self.generator, self._log_now = trainer, generator, log_now
-        self.accum = trainer.accum
+        self.index, self.accum, self.micro = trainer.step, trainer.accum, trainer.micro
         self.finite = True
         self.wait = 0.0  # seconds spent waiting for data
 
@@ -47,6 +48,18 @@ class Step:
     def net(self, name: str) -> Net:
         """Network `name` as a function: inputs cast to the run's precision, outputs back in fp32."""
         return self._t.nets[name]
+
+    def module(self, name: str) -> Net:
+        """Trained network `name`'s plain module as a function (inputs cast, outputs in fp32), without DeepSpeed's
+        engine around it. DeepSpeed hooks an engine's outputs so that any backward through them opens that engine's
+        backward; a backward that is not the engine's own (`torch.autograd.grad` for an input gradient such as R1's,
+        or another network's loss, e.g. a generator's through the discriminator) must not pass through the engine's
+        outputs: use this (ZeRO 0-2), together with `no_grad_for(name)` for another network's loss."""
+        module, dtype = self._t.engines[name].module, self._t.dtype
+
+        def net(x: torch.Tensor, *args, **kw) -> torch.Tensor:
+            return module(x.to(dtype), *args, **kw).float()
+        return net
 
     def engine(self, name: str):
         """The DeepSpeed engine of trained network `name` (to inspect it; training goes through backward/step)."""

@@ -204,7 +204,8 @@ class Distill(Objective):
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         x_t = self.diffusion.q_sample(x, j, noise=noise)
         kw = {"y": y} if self.num_classes else {}
-        teacher_fn, teacher_kw = self.nets["teacher"], kw  # on the run's device, in its precision
+        teacher = self.nets.get("teacher", self.teacher)  # the loop's: on the run's device, in its precision
+        teacher_fn, teacher_kw = teacher, kw
         if self.options.teacher_guidance > 0:
             teacher_fn = ClassifierFreeGuidance(teacher_fn, self.options.teacher_guidance, self.num_classes)
         if self.guidance_range is not None:  # w [B] ~ U[WMIN, WMAX]: the student's input, the teacher's scale
@@ -214,7 +215,7 @@ class Distill(Objective):
             if self.teacher_embed:
                 teacher_kw = kw
             else:
-                teacher_fn = ClassifierFreeGuidance(self.nets["teacher"], w, self.num_classes)
+                teacher_fn = ClassifierFreeGuidance(teacher, w, self.num_classes)
         target = teacher_ddim_target(teacher_fn, self.teacher_diffusion, x_t, r * j + r - 1, substeps=r,
                                      clip=self.options.teacher_clip, model_kwargs=teacher_kw)
         out = net(x_t, self.diffusion.map_timesteps(j), **kw)
