@@ -185,14 +185,15 @@ def validate(a: argparse.Namespace) -> None:
 def train_config(preset: str, **optim: Any):
     """The trainer's configuration for --model-size PRESET with default flags (plus optim overrides)."""
     from trainer.config import config_from_dict
-    return config_from_dict({"model": {"size": preset}, "data": {"source": "x"}, "run": {"run_dir": "x"},
-                             "optim": optim})
+    return config_from_dict({"objective": {"iddpm": {"model": {"size": preset}}}, "data": {"source": "x"},
+                             "run": {"run_dir": "x"}, "optim": optim})
 
 
 def model_cfg(preset: str) -> dict[str, Any]:
     """The model exactly as the trainer builds it for --model-size PRESET with default flags."""
     from trainer.unet_settings import model_config_dict
-    return model_config_dict(train_config(preset))
+    o = train_config(preset).objective.options
+    return model_config_dict(o.model, o.diffusion.learn_sigma)
 
 
 def bare_main(a: argparse.Namespace) -> None:
@@ -207,7 +208,7 @@ def bare_main(a: argparse.Namespace) -> None:
     tc = train_config(a.preset)
     torch.manual_seed(0)
     model = create_model_from_config(mc)
-    diffusion = create_diffusion(**diffusion_kwargs(tc))
+    diffusion = create_diffusion(**diffusion_kwargs(tc.objective.options.diffusion))
     bf16 = a._bare_precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     world = a._bare_world
@@ -585,7 +586,21 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
          "tensors of 2 MiB and more on transparent huge pages, the trainer's default).", ]
     if a.get("note"):
         L.append(f"- Note: {a['note']}")
-    L += ["", "| round | ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "
+    L += case_table(res) + compile_table(res)
+    busy = sorted({p.split(" (")[0] for c in res["cases"] for p in c.get("other_busy_processes", [])})
+    L += ["", "Other processes above 10% CPU (ps) at the start of a case: " + (", ".join(busy) if busy else "none")
+          + " (per case, with pids, in the JSON)."]
+    L += summary_lines(res) + ["", COLUMNS + ("gradients all-reduced over gloo each step" if a.get(
+        "bare_comm", "allreduce") == "allreduce" else "no communication") + COLUMNS_END, ""]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(L))
+    os.replace(tmp, path)
+
+
+def case_table(res: dict[str, Any]) -> list[str]:
+    """Markdown lines: one row per case and round."""
+    a = res["args"]
+    L = ["", "| round | ranks | ZeRO | precision | trainer img/s | bare img/s | overhead | DeepSpeed-only img/s | trainer's own "
           "overhead | trainer peak RSS MiB per rank "
           "| trainer TB mem MB (max rank) | bare peak RSS MiB per rank | trainer img/s per step | bare s/step (rank 0) | load "
           "| overhead, fastest steps |", "|---" * 16 + "|"]
@@ -605,6 +620,12 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
                  f"{' '.join(f'{x:.2f}' for x in t['img_s_per_step'])} | "
                  f"{' '.join(f'{x:.2f}' for x in b['per_rank'][0]['step_s'][a['warmup']:])} | {c['load1']} | "
                  f"{100 * best_overhead(c, a):.1f}% |")
+    return L
+
+
+def compile_table(res: dict[str, Any]) -> list[str]:
+    """Markdown lines: the compiled trainer against eager, when measured."""
+    a, L = res["args"], []
     comp = [c for c in res["cases"] if "compile_speedup" in c]
     if comp:
         L += ["", "Trainer with --compile (inductor) against eager and the bare loop, same case and round (first "
@@ -616,9 +637,12 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
             L.append(f"| {c.get('round', 1)} | {c['ranks']} | {c['zero']} | {c['precision']} | {t['img_s']:.3f} | "
                      f"{c['trainer']['img_s']:.3f} | {c['bare']['img_s']:.3f} | **{c['compile_speedup']:.3f}x** | "
                      f"{t['img_s'] / c['bare']['img_s']:.3f}x | {t['wall_s']:.0f} / {c['trainer']['wall_s']:.0f} |")
-    busy = sorted({p.split(" (")[0] for c in res["cases"] for p in c.get("other_busy_processes", [])})
-    L += ["", "Other processes above 10% CPU (ps) at the start of a case: " + (", ".join(busy) if busy else "none")
-          + " (per case, with pids, in the JSON)."]
+    return L
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """Markdown lines: per case over the rounds, the 10% target, the trainer's own overhead."""
+    a, L = res["args"], []
     ok = [c for c in res["cases"] if "overhead" in c]
     per_case = summarize(ok, a)
     if per_case:
@@ -645,19 +669,18 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         if any(c["overhead"] < 0 for c in ok):
             L += ["A negative overhead means the bare loop ran slower than the trainer, which the trainer cannot "
                   "really beat: the machine's load changed between the two runs, and such figures are noise."]
-    L += ["", "Columns: trainer img/s = harmonic mean of `perf/images_per_s` (sum over ranks) over the steady steps; "
-          "bare img/s = steady images / steady time, summed over its concurrent processes (one per rank, "
-          + ("gradients all-reduced over gloo each step" if a.get("bare_comm", "allreduce") == "allreduce"
-             else "no communication") + "); overhead = 1 - trainer / bare; DeepSpeed-only img/s = the same "
-          "loop through the trainer's DeepSpeed engine and config, nothing else; trainer's own overhead = 1 - trainer / "
-          "DeepSpeed only; peak RSS = ru_maxrss of each process over its whole "
-          "life (os.wait4), for the trainer including start-up, the final checkpoint and the sample grid; "
-          "TB mem = the trainer's own `mem/peak_mb_max_rank` at its last step (ru_maxrss during training); "
-          "overhead, fastest steps = 1 - (the trainer's fastest steady step, img/s) / (the bare loop's fastest steady "
-          "step per process, img/s summed), a figure less sensitive to load spikes from other processes.", ""]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(L))
-    os.replace(tmp, path)
+    return L
+
+
+COLUMNS = ("Columns: trainer img/s = harmonic mean of `perf/images_per_s` (sum over ranks) over the steady steps; "
+           "bare img/s = steady images / steady time, summed over its concurrent processes (one per rank, ")
+COLUMNS_END = ("); overhead = 1 - trainer / bare; DeepSpeed-only img/s = the same "
+               "loop through the trainer's DeepSpeed engine and config, nothing else; trainer's own overhead = 1 - "
+               "trainer / DeepSpeed only; peak RSS = ru_maxrss of each process over its whole "
+               "life (os.wait4), for the trainer including start-up, the final checkpoint and the sample grid; "
+               "TB mem = the trainer's own `mem/peak_mb_max_rank` at its last step (ru_maxrss during training); "
+               "overhead, fastest steps = 1 - (the trainer's fastest steady step, img/s) / (the bare loop's fastest "
+               "steady step per process, img/s summed), a figure less sensitive to load spikes from other processes.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,48 +714,65 @@ def main(argv: list[str] | None = None) -> int:
                              f"sharded by data.prepare npz")
     bare_cache: dict[tuple[int, int, str], dict[str, Any]] = {}  # (round, ranks, precision)
     for rnd, (ranks, zero, prec) in ((r, c) for r in range(1, a.repeats + 1) for c in cases):
-        case: dict[str, Any] = {"round": rnd, "ranks": ranks, "zero": zero, "precision": prec, "load1": loadavg()[:1]}
-        case["load1"] = case["load1"][0] if case["load1"] else None
-        case["other_busy_processes"] = busy_processes()
-        print(f"bench_trainer: round {rnd}/{a.repeats}: {ranks} rank(s), ZeRO {zero}, {prec} ...", file=sys.stderr,
-              flush=True)
-        try:
-            if (rnd, ranks, prec) not in bare_cache or not a.reuse_bare:
-                bare_cache[(rnd, ranks, prec)] = run_bare(a, ranks, prec, work, f"_z{zero}")
-            case["bare"] = bare_cache[(rnd, ranks, prec)]
-            if not a.no_deepspeed_only:
-                case["deepspeed_only"] = run_bare(a, ranks, prec, work, f"_z{zero}", zero=zero)
-            compiled_first = a.compile and rnd % 2 == 0
-            if compiled_first:
-                case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
-            case["trainer"] = run_trainer(a, ranks, zero, prec, data, work)
-            if a.compile and not compiled_first:
-                case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
-            if a.compile:
-                tc = case["trainer_compiled"]
-                case["compile_speedup"] = tc["img_s"] / case["trainer"]["img_s"]
-                print(f"  trainer --compile {tc['img_s']:.3f} img/s = {case['compile_speedup']:.3f}x eager, "
-                      f"{tc['img_s'] / case['bare']['img_s']:.3f}x bare", file=sys.stderr, flush=True)
-            case["overhead"] = 1.0 - case["trainer"]["img_s"] / case["bare"]["img_s"]
-            msg = ""
-            if "deepspeed_only" in case:
-                case["overhead_own"] = 1.0 - case["trainer"]["img_s"] / case["deepspeed_only"]["img_s"]
-                msg = (f", DeepSpeed only {case['deepspeed_only']['img_s']:.3f} img/s, the trainer's own "
-                       f"{100 * case['overhead_own']:.1f}%")
-            print(f"  trainer {case['trainer']['img_s']:.3f} img/s, bare {case['bare']['img_s']:.3f} img/s, "
-                  f"overhead {100 * case['overhead']:.1f}%" + msg, file=sys.stderr, flush=True)
-        except RuntimeError as e:
-            case["error"] = str(e)
-            print(f"  failed: {e}", file=sys.stderr, flush=True)
-        res["cases"].append(case)
+        res["cases"].append(run_case(a, rnd, ranks, zero, prec, work, data, bare_cache))
         res["finished_utc"] = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
         res["load_end"] = loadavg()
-        jtmp = out.with_suffix(".json.tmp")  # written after every case, so a cut-off run keeps what it measured
-        jtmp.write_text(json.dumps(res, indent=1))
-        os.replace(jtmp, out.with_suffix(".json"))
-        write_markdown(out, res)
+        save_results(out, res)  # after every case, so a cut-off run keeps what it measured
     print(f"bench_trainer: wrote {out} and {out.with_suffix('.json')} (work dir {work})", file=sys.stderr)
     return 0 if all("error" not in c for c in res["cases"]) else 1
+
+
+def run_case(a: argparse.Namespace, rnd: int, ranks: int, zero: int, prec: str, work: Path, data: str,
+             bare_cache: dict[tuple[int, int, str], dict[str, Any]]) -> dict[str, Any]:
+    """One case of one round: the bare loop (or its cached run), the DeepSpeed-only loop, the trainer (and compiled
+    trainer); a failure is recorded in the case's "error"."""
+    case: dict[str, Any] = {"round": rnd, "ranks": ranks, "zero": zero, "precision": prec, "load1": loadavg()[:1]}
+    case["load1"] = case["load1"][0] if case["load1"] else None
+    case["other_busy_processes"] = busy_processes()
+    print(f"bench_trainer: round {rnd}/{a.repeats}: {ranks} rank(s), ZeRO {zero}, {prec} ...", file=sys.stderr,
+          flush=True)
+    try:
+        if (rnd, ranks, prec) not in bare_cache or not a.reuse_bare:
+            bare_cache[(rnd, ranks, prec)] = run_bare(a, ranks, prec, work, f"_z{zero}")
+        case["bare"] = bare_cache[(rnd, ranks, prec)]
+        if not a.no_deepspeed_only:
+            case["deepspeed_only"] = run_bare(a, ranks, prec, work, f"_z{zero}", zero=zero)
+        compiled_first = a.compile and rnd % 2 == 0
+        if compiled_first:
+            case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
+        case["trainer"] = run_trainer(a, ranks, zero, prec, data, work)
+        if a.compile and not compiled_first:
+            case["trainer_compiled"] = run_trainer(a, ranks, zero, prec, data, work, compile=True)
+        report_case(a, case)
+    except RuntimeError as e:
+        case["error"] = str(e)
+        print(f"  failed: {e}", file=sys.stderr, flush=True)
+    return case
+
+
+def report_case(a: argparse.Namespace, case: dict[str, Any]) -> None:
+    """The case's overheads (and compile speed-up) into `case`, and one line on stderr."""
+    if a.compile:
+        tc = case["trainer_compiled"]
+        case["compile_speedup"] = tc["img_s"] / case["trainer"]["img_s"]
+        print(f"  trainer --compile {tc['img_s']:.3f} img/s = {case['compile_speedup']:.3f}x eager, "
+              f"{tc['img_s'] / case['bare']['img_s']:.3f}x bare", file=sys.stderr, flush=True)
+    case["overhead"] = 1.0 - case["trainer"]["img_s"] / case["bare"]["img_s"]
+    msg = ""
+    if "deepspeed_only" in case:
+        case["overhead_own"] = 1.0 - case["trainer"]["img_s"] / case["deepspeed_only"]["img_s"]
+        msg = (f", DeepSpeed only {case['deepspeed_only']['img_s']:.3f} img/s, the trainer's own "
+               f"{100 * case['overhead_own']:.1f}%")
+    print(f"  trainer {case['trainer']['img_s']:.3f} img/s, bare {case['bare']['img_s']:.3f} img/s, "
+          f"overhead {100 * case['overhead']:.1f}%" + msg, file=sys.stderr, flush=True)
+
+
+def save_results(out: Path, res: dict[str, Any]) -> None:
+    """The JSON and the markdown, each replaced atomically."""
+    jtmp = out.with_suffix(".json.tmp")
+    jtmp.write_text(json.dumps(res, indent=1))
+    os.replace(jtmp, out.with_suffix(".json"))
+    write_markdown(out, res)
 
 
 if __name__ == "__main__":

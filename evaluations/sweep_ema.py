@@ -162,6 +162,13 @@ def sweep_ema(run_dir: str, sigma_rels: str | Sequence[str | float], *, data: st
                 respace=respace or None, nll_images=nll_images, seed=seed, guidance_scale=guidance_scale,
                 features=features, inception_weights=inception_weights, device=device, progress=progress,
                 labels=np.arange(num_samples, dtype=np.int64) % num_classes if num_classes else None)
+    _measure_lengths(todo, paths, settings, rows, main=main, progress=progress, opts=opts)
+    return _report(run_dir, step, settings, rows, sigmas, todo) if main else None
+
+
+def _measure_lengths(todo: list[str], paths: dict[str, dict[str, str]], settings: dict[str, Any],
+                     rows: dict[str, dict], *, main: bool, progress: bool, opts: dict[str, Any]) -> None:
+    """Sample and evaluate every length of `todo` (collectives: every rank), each row written as it is done."""
     it: Any = todo
     if progress and main:
         from tqdm import tqdm
@@ -171,8 +178,11 @@ def sweep_ema(run_dir: str, sigma_rels: str | Sequence[str | float], *, data: st
         if row is not None:
             rows[s] = row
             atomic_write_json(paths[s]["row"], {"settings": {**settings, "sigma_rel": s}, "row": row})
-    if not main:
-        return None
+
+
+def _report(run_dir: str, step: int, settings: dict[str, Any], rows: dict[str, dict], sigmas: list[str],
+            todo: list[str]) -> dict[str, Any]:
+    """The sweep's report (see sweep_ema)."""
     ordered = sorted(({**rows[s], "reused": s not in todo} for s in sigmas), key=lambda r: float(r["sigma_rel"]))
     return {"run_dir": os.path.abspath(run_dir), "step": step, "snapshot_steps": settings["snapshot_steps"],
             "settings": settings, "rows": ordered,

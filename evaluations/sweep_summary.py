@@ -54,6 +54,14 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
+def _model_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The UNet settings of a nested config.json: objective.NAME.model (before 2026-12-08: the top-level model)."""
+    if isinstance(cfg.get("model"), dict):
+        return cfg["model"]
+    obj = cfg.get("objective") or {}
+    return ((obj.get(obj.get("name", "iddpm")) or {}).get("model")) or {}
+
+
 def _model_config(cfg: dict[str, Any], meta: dict[str, Any]):
     """The ModelConfig the run trained (meta.json's model config, else rebuilt from the nested config.json)."""
     from diffusion.presets import ModelConfig, get_config
@@ -61,7 +69,7 @@ def _model_config(cfg: dict[str, Any], meta: dict[str, Any]):
     model = meta.get("model")
     if isinstance(model, dict):
         return ModelConfig.from_dict(model)
-    section = cfg["model"]
+    section = _model_section(cfg)
     overrides: dict[str, Any] = {}
     if section.get("image_size"):
         overrides["image_size"] = int(section["image_size"])
@@ -94,7 +102,7 @@ def read_run(run_dir: str) -> dict[str, Any]:
     metrics = _read_json(os.path.join(run_dir, "eval", "metrics.json")) or {}
     batches = metrics.get("batches") or [{}]
     nll = _read_json(os.path.join(run_dir, "nll", "nll.json")) or {}
-    return {"run": os.path.basename(run_dir), "path": run_dir, "preset": cfg["model"].get("size"),
+    return {"run": os.path.basename(run_dir), "path": run_dir, "preset": _model_section(cfg).get("size"),
             "model_channels": mcfg.model_channels, "params": params, "forward_flops_per_image": fwd,
             "lr": cfg["optim"].get("lr"), "global_batch": batch, "step": step,
             "train_flops": TRAIN_FLOPS_PER_FORWARD * fwd * batch * step,

@@ -75,8 +75,8 @@ def test_equals_guided_diffusion_encoder() -> None:
 def _objective(max_t: float = 1.0):
     from trainer.config import config_from_dict
     from trainer.objective import get_objective
-    cfg = config_from_dict({"objective": {"name": "classifier", "classifier": {"max_t": max_t}},
-                            "diffusion": {"steps": T}, "model": {"image_size": 16, "num_classes": 10}})
+    cfg = config_from_dict({"objective": {"name": "classifier", "classifier": {
+        "max_t": max_t, "diffusion": {"steps": T}, "model": {"image_size": 16, "num_classes": 10}}}})
     return get_objective("classifier")(cfg)
 
 

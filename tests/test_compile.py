@@ -132,13 +132,13 @@ def test_compiled_training_equals_eager_zero_0_1_2(tmp_path):
 
 
 def test_zero3_refused_and_flags(capsys):
-    """--compile parses into model.compile; with --zero-stage 3 the trainer refuses in one line (exit 2); the
+    """--compile parses into optim.compile; with --zero-stage 3 the trainer refuses in one line (exit 2); the
     inference CLIs take --compile/--precision and refuse a precision they do not know."""
     from trainer.config import parse_config
     from trainer.main import main as train_main
     cfg = parse_config(["--data", "x", "--run-dir", "r", "--compile"])
-    assert cfg.model.compile and cfg.to_dict()["model"]["compile"] is True
-    assert parse_config(["--data", "x", "--run-dir", "r"]).model.compile is False
+    assert cfg.optim.compile and cfg.to_dict()["optim"]["compile"] is True
+    assert parse_config(["--data", "x", "--run-dir", "r"]).optim.compile is False
     with pytest.raises(SystemExit) as e:
         train_main(["--data", "x", "--run-dir", "r", "--compile", "--zero-stage", "3"])
     err = capsys.readouterr().err.strip()

@@ -31,6 +31,9 @@ class ToyGanOptions:
     latent: int = option(16, "generator input size", lower=1, frozen=True)
     r1_gamma: float = option(1.0, "weight gamma of the R1 penalty gamma/2 |grad_x D(x)|^2 on real images", lower=0.0)
     d_every: int = option(2, "the discriminator steps on every d_every-th run step", lower=1)
+    hidden: int = option(64, "hidden units of both MLPs", lower=1, frozen=True)
+    probe: bool = option(False, "write both optimizers' Adam state after every step to RUN_DIR/probe_rank<r>.jsonl")
+    nan_step: int = option(-1, "make the discriminator's loss NaN at this run step (tests non-finite handling)")
 
 
 def adam_probe(engine) -> dict:
@@ -48,6 +51,19 @@ def adam_probe(engine) -> dict:
             "lr": g["lr"], "betas": list(g["betas"])}
 
 
+def make_generator(latent: int, hidden: int) -> torch.nn.Module:
+    """z [B, latent] -> images [B, 3, 16, 16] in [-1, 1]."""
+    return torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, SHAPE[0] * SHAPE[1] * SHAPE[2]), torch.nn.Tanh(),
+                               torch.nn.Unflatten(1, SHAPE))
+
+
+def make_discriminator(hidden: int) -> torch.nn.Module:
+    """images [B, 3, 16, 16] -> logits [B]."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SHAPE[0] * SHAPE[1] * SHAPE[2], hidden),
+                               torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1), torch.nn.Flatten(0))
+
+
 class ToyGAN(Objective):
     """Non-saturating GAN loss; D: softplus(-D(x)) + softplus(D(G(z))) + gamma/2 |grad_x D(x)|^2; G: softplus(-D(G(z)))."""
 
@@ -56,12 +72,27 @@ class ToyGAN(Objective):
     kind = "toy-gan"
     preview_network = "generator"
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.d_images = torch.zeros((), dtype=torch.float64)  # synced state: real images the D has seen, all ranks
+        self._rows: list[float] = []
+
+    def sync_rows(self) -> torch.Tensor:
+        rows = torch.tensor([[sum(self._rows)]], dtype=torch.float64)
+        self._rows = []
+        return rows
+
+    def apply_synced(self, rows: torch.Tensor) -> None:
+        self.d_images += rows.sum()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"d_images": self.d_images.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.d_images = state["d_images"].clone()
+
     def networks(self) -> dict[str, Network]:
-        n = SHAPE[0] * SHAPE[1] * SHAPE[2]
-        g = torch.nn.Sequential(torch.nn.Linear(self.options.latent, 64), torch.nn.ReLU(), torch.nn.Linear(64, n),
-                                torch.nn.Tanh(), torch.nn.Unflatten(1, SHAPE))
-        d = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, 64), torch.nn.LeakyReLU(0.2),
-                                torch.nn.Linear(64, 1), torch.nn.Flatten(0))
+        g, d = make_generator(self.options.latent, self.options.hidden), make_discriminator(self.options.hidden)
         return {"generator": Network(g, lr=G_LR, betas=G_BETAS),
                 "discriminator": Network(d, lr=D_LR, betas=D_BETAS, ema=False, export=False, double_backward=True)}
 
@@ -83,6 +114,9 @@ class ToyGAN(Objective):
             grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)  # the double backward of R1
             r1 = grad.pow(2).flatten(1).sum(1)
             d_loss = F.softplus(-d_real) + F.softplus(D(fake))
+            if step.index == self.options.nan_step:
+                d_loss = d_loss * float("nan")
+            self._rows.append(float(x.shape[0]))
             step.backward("discriminator", d_loss + self.options.r1_gamma / 2 * r1)
             step.step("discriminator")
             d_metrics.append({"d_loss": d_loss.detach(), "r1": r1.detach()})
@@ -93,7 +127,8 @@ class ToyGAN(Objective):
                 step.backward("generator", g_loss)
             step.step("generator")
             step.record(g_loss, d_metrics[i] if d_metrics else {"d_loss": nan, "r1": nan})
-        self._probe(step, d_turn)
+        if self.options.probe:
+            self._probe(step, d_turn)
 
     def _probe(self, step, d_turn: bool) -> None:
         rank = torch.distributed.get_rank()
@@ -126,7 +161,7 @@ def digits(tmp_path_factory) -> str:
 def args(digits: str, run_dir: str, zero: int) -> list[str]:
     return ["--objective", PLUGIN, "--data", digits, "--run-dir", run_dir, "--global-batch", "8", "--micro-batch", "2",
             "--lr", "1e-3", "--ema", "0.9", "--total-steps", str(STEPS), "--save-every", "2", "--log-every", "1",
-            "--zero-stage", str(zero), "--seed", "2", "--no-flip"]
+            "--zero-stage", str(zero), "--seed", "2", "--no-flip", "--probe"]
 
 
 def train(digits: str, run_dir: str, zero: int, world: int) -> str:
@@ -180,6 +215,9 @@ def test_two_networks_alternate_with_their_own_optimizers_and_ema_where_declared
             "discriminator.safetensors"} <= files
     assert not any(f.startswith(("discriminator.ema", "ds", "model", "ema_")) and f not in
                    ("ds_generator", "ds_discriminator") for f in files), files  # EMA on the generator only
+    from safetensors.torch import load_file
+    d_images = load_file(os.path.join(checkpoint(run_dir), "objective.safetensors"))["d_images"]
+    assert d_images.item() == 8 * STEPS // 2  # synced over both ranks: the global batch on every D step
     meta = json.load(open(os.path.join(checkpoint(run_dir), "meta.json")))
     assert meta["kind"] == "toy-gan" and meta["networks"] == {"generator": {"ema": True, "export": True},
                                                               "discriminator": {"ema": False, "export": False}}
@@ -191,6 +229,16 @@ def test_two_networks_alternate_with_their_own_optimizers_and_ema_where_declared
     r1 = [e.value for e in acc.Scalars("train/r1")]
     assert len(r1) == STEPS // 2 and all(v > 0 for v in r1)  # logged on the discriminator's steps only
     assert f"ema0.9_step{STEPS:08d}.png" in os.listdir(os.path.join(run_dir, "samples"))  # the generator's grid
+
+
+def test_a_non_finite_loss_in_a_custom_step_stops_the_run(digits, tmp_path) -> None:
+    """--nonfinite-patience counts a custom step's non-finite backward like the default step's."""
+    from launch import output, start_ranks, wait
+    log, run_dir = str(tmp_path / "nan.log"), str(tmp_path / "nan")
+    assert wait(start_ranks([*args(digits, run_dir, 0), "--nan-step", "4", "--nonfinite-patience", "1"], log, 2)) \
+        == [3, 3], output(log)
+    assert "loss non-finite for 1 consecutive steps (up to step 5)" in output(log)
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == "step_00000004"
 
 
 def test_zero3_with_a_double_backward_is_refused_in_one_line(digits, tmp_path) -> None:
@@ -224,7 +272,7 @@ def test_kill9_and_resume_is_bitwise_on_one_rank_and_export_holds_the_generator(
     ref, run_dir = kill_after_step_4_and_resume(digits, tmp_path, zero=0, world=1)
     a, b = weights(ref), weights(run_dir)
     assert a.keys() == b.keys() and {k.split("/")[0] for k in a} == {
-        "generator.safetensors", "generator.ema_0.9.safetensors", "discriminator.safetensors"}
+        "generator.safetensors", "generator.ema_0.9.safetensors", "discriminator.safetensors", "objective.safetensors"}
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ import torch
 from diffusion.presets import PRESETS, create_model_from_config
 from trainer.configlib import option
 from trainer.objective import Objective, register_objective
+from trainer.unet_settings import UNetSection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -26,6 +27,7 @@ PLUGIN = "tests/test_objective_plugin.py:DenoisingAutoencoder"  # relative to th
 
 @dataclass
 class DaeOptions:
+    model: UNetSection = field(default_factory=UNetSection)  # --model-size etc., as the diffusion objectives have
     noise_std: float = option(0.5, "std of the Gaussian corruption", unit="pixel units of [-1, 1]", lower=0.0)
 
 
@@ -38,7 +40,7 @@ class DenoisingAutoencoder(Objective):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.model_cfg = PRESETS[cfg.model.size].replace(learn_sigma=False, num_classes=None).to_dict()
+        self.model_cfg = PRESETS[self.options.model.size].replace(learn_sigma=False, num_classes=None).to_dict()
 
     def build_model(self) -> torch.nn.Module:
         return create_model_from_config(self.model_cfg)
@@ -130,7 +132,8 @@ def test_plugin_objective_trains_resumes_after_kill9_and_exports(tmp_path) -> No
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
     config = json.load(open(os.path.join(run_dir, "config.json")))
-    assert config["objective"]["name"] == PLUGIN and config["objective"][PLUGIN] == {"noise_std": 0.3}
+    assert config["objective"]["name"] == PLUGIN and config["objective"][PLUGIN]["noise_std"] == 0.3 \
+        and config["objective"][PLUGIN]["model"]["size"] == "tiny16"
 
     out = str(tmp_path / "dae.safetensors")
     r = subprocess.run([sys.executable, "-m", "trainer.export", run_dir, "--ema", "0.9", "--out", out], cwd=ROOT,

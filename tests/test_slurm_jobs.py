@@ -86,6 +86,13 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
                  SAMPLE_ARGS="--respace 5", EVAL_ARGS="--features standin --k 2 --splits 2",
                  NLL_ARGS="--respace 5 --num-images 16 --batch-size 16"))
 
+    _submit_distill(slurm_cluster, root, data, env, jobs)
+    _submit_pipeline(slurm_cluster, root, env, jobs)
+    return jobs
+
+
+def _submit_distill(slurm_cluster: SlurmCluster, root: Path, data: Path, env: dict, jobs: dict) -> None:
+    """Job 2b of `work`."""
     # 2b. progressive distillation on two nodes: a random tiny16 epsilon teacher, v-conversion at 4 steps, 4 -> 2
     from diffusion.presets import get_config
     from trainer.export import save_exported
@@ -102,6 +109,9 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
                            STEPS_PER_ROUND="2", TRAIN_ARGS="--global-batch 4 --lr 1e-4 --ema 0.5 --log-every 1 "
                            "--save-every 2 --sample-grid 2 --sample-respacing 2"))
 
+
+def _submit_pipeline(slurm_cluster: SlurmCluster, root: Path, env: dict, jobs: dict) -> None:
+    """Job 3 of `work`: the chained pipeline's jobs, their ids and dependencies."""
     # 3. the chained pipeline: prepare (digits) -> train -> sample -> evaluate
     pipe = root / "pipe"
     one_task = " ".join(["--nodes=1", "--ntasks-per-node=1", *CPU_JOB, f"--output={pipe}-%x.out"])
@@ -117,7 +127,6 @@ def work(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
     jobs["pipe"] = pipe
     jobs["pipeline"] = ids = dict(line.split() for line in p.stdout.strip().splitlines())
     jobs["pipeline_deps"] = {stage: slurm_cluster.job(i)[0].get("Dependency") for stage, i in ids.items()}
-    return jobs
 
 
 def _tb_steps(tb_dir: Path, tag: str = "train/loss") -> list[int]:
@@ -210,7 +219,7 @@ def test_sweep_array_trains_two_presets_and_writes_the_summary(slurm_cluster: Sl
     for preset, channels in (("tiny16", 32), ("tiny32", 32)):
         cfg = json.loads((sweep / preset / "checkpoints" / "step_00000004" / "config.json").read_text())
         optim = cfg["optim"]
-        assert cfg["model"]["size"] == preset and optim["total_steps"] == 4 and optim["global_batch"] == 4
+        assert cfg["objective"]["iddpm"]["model"]["size"] == preset and optim["total_steps"] == 4 and optim["global_batch"] == 4
         assert optim["lr"] == pytest.approx(1e-4 / (channels / 128) ** 0.5)
         assert (sweep / preset / "eval" / "metrics.md").is_file()
         assert json.loads((sweep / preset / "nll" / "nll.json").read_text())["bpd"] > 0

@@ -148,7 +148,8 @@ def test_recipes_and_precedence(tmp_path) -> None:
     cfile.write_text(json.dumps({"optim": {"lr": 5e-5, "total_steps": 7}}))
     c = parse_config(["--recipe", "imagenet64-vlb", "--config", str(cfile), "--total-steps", "9",
                       "--data", "x", "--run-dir", "y"])
-    assert (c.diffusion.loss, c.objective.options.timestep_sampler, c.model.size, c.diffusion.steps) == \
+    o = c.objective.options
+    assert (o.diffusion.loss, o.timestep_sampler, o.model.size, o.diffusion.steps) == \
         ("vlb", "loss-second-moment", "120M", 4000)
     assert c.optim.lr == 5e-5 and c.optim.total_steps == 9  # recipe < config file < flags
     assert {"imagenet64-hybrid", "imagenet64-cond", "imagenet64-scale-270M", "digits-demo"} <= set(RECIPES)
@@ -212,8 +213,10 @@ def test_config_json_round_trip_reproduces_the_run(tmp_path) -> None:
     frozen settings are field metadata (a changed one is reported by flag)."""
     from trainer.config import frozen_changes
     c = parse_config(["--recipe", "digits-demo", "--data", "x", "--run-dir", "y", "--lr", "3e-3", "--no-flip"])
-    assert c.to_dict()["objective"] == {"name": "iddpm", "sampler_sync": "torch",
-                                        "iddpm": {"label_dropout": 0.1, "timestep_sampler": "loss-second-moment"}}
+    iddpm = c.to_dict()["objective"]["iddpm"]
+    assert c.to_dict()["objective"]["name"] == "iddpm" and c.to_dict()["objective"]["sampler_sync"] == "torch"
+    assert (iddpm["label_dropout"], iddpm["timestep_sampler"], iddpm["model"]["size"], iddpm["diffusion"]["steps"]) \
+        == (0.1, "loss-second-moment", "tiny16", 1000) and "model" not in c.to_dict()
     path = tmp_path / "config.json"
     path.write_text(json.dumps(c.to_dict()))
     again = parse_config(["--config", str(path)])
@@ -227,11 +230,42 @@ def test_config_json_round_trip_reproduces_the_run(tmp_path) -> None:
 def test_help_is_grouped_by_section() -> None:
     from trainer.config import build_parser
     text = build_parser().format_help()
-    for title in ("run:", "data:", "model (a diffusion.presets UNet plus overrides):", "diffusion process:",
-                  "objective:", "optimisation (DeepSpeed):", "checkpoints and preemption:",
-                  "logging and preview grids:", "objective iddpm:"):
+    for title in ("run:", "data:", "objective iddpm: model (a diffusion.presets UNet plus overrides):",
+                  "objective iddpm: diffusion process and loss:", "objective:", "optimisation (DeepSpeed):",
+                  "checkpoints and preemption:", "logging and preview grids:", "objective iddpm:"):
         assert "\n" + title + "\n" in text, title
     assert "--model-size {30M,70M,120M,270M,tiny16,tiny32}" in text and "frozen on resume" in text
+    assert "--max-t" not in text and "--objective NAME --help" in text  # another objective's settings: its own help
+    vdm = build_parser("vdm").format_help()
+    assert "\nobjective vdm: model (a diffusion.presets UNet plus overrides):\n" in vdm and "--fourier" in vdm
+    assert "--timestep-sampler" not in vdm and "--diffusion-steps" not in vdm
+
+
+def test_configs_of_the_one_network_trainer_are_read_in_todays_layout(tmp_path) -> None:
+    """config.json of runs before the objectives owned their settings (global model/diffusion sections) still
+    resumes and serves as --config: the sections move under the objective, model.compile to optim.compile."""
+    from trainer.config import frozen_changes, upgrade
+    old = {"run": {"run_dir": "r", "seed": 0}, "data": {"source": "x"},
+           "model": {"size": "tiny16", "image_size": 16, "num_classes": 10, "dropout": None, "grad_checkpoint": False,
+                     "compile": True},
+           "diffusion": {"steps": 50, "noise_schedule": "cosine", "loss": "hybrid", "vlb_weight": 0.001,
+                         "learn_sigma": True},
+           "objective": {"name": "classifier", "sampler_sync": "torch", "classifier": {"classifier_size": "tiny16"}}}
+    new = upgrade(old)
+    assert new["objective"]["classifier"] == {"classifier_size": "tiny16", "model": {
+        "image_size": 16, "num_classes": 10, "dropout": None, "grad_checkpoint": False},
+        "diffusion": {"steps": 50, "noise_schedule": "cosine"}} and new["optim"] == {"compile": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**old, "optim": {"zero_stage": 0}}))
+    c = parse_config(["--config", str(path)])
+    assert c.objective.options.diffusion.steps == 50 and c.objective.options.model.num_classes == 10
+    legacy = c.to_dict()  # the whole config.json such a run wrote
+    own = legacy["objective"]["classifier"]
+    legacy["model"] = {**own.pop("model"), "size": "tiny16", "compile": legacy["optim"].pop("compile")}
+    legacy["diffusion"] = {**own.pop("diffusion"), "loss": "hybrid", "vlb_weight": 0.001, "learn_sigma": True}
+    assert frozen_changes(legacy, c) == []
+    assert frozen_changes(legacy, parse_config(["--config", str(path), "--diffusion-steps", "60"])) == \
+        ["--diffusion-steps"]
 
 
 def test_a_subclass_sharing_its_parents_options_shares_its_section() -> None:

@@ -7,14 +7,15 @@ checks that a guided model uses the same process). Logs loss and accuracy overal
     python -m trainer.main --objective classifier --classifier-size tiny16 --data train-manifest.json \
         --run-dir runs/clf --diffusion-steps 1000 --noise-schedule cosine --total-steps 2000
 
-The model section's image_size / num_classes / dropout / grad_checkpoint override the classifier preset
-(model.size, a UNet preset, is not used). Export (trainer.export) writes the classifier's config with
+Its model section's image_size / num_classes / dropout / grad_checkpoint override the classifier preset; its
+diffusion section (steps, noise schedule) is the process the classifier is trained for. Export (trainer.export)
+writes the classifier's config with
 "kind": "encoder_classifier" and the diffusion it was trained for.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,27 +25,28 @@ from data.cli import UsageError
 from diffusion import create_diffusion
 from diffusion.classifier import CLASSIFIER_PRESETS, get_classifier_config
 from trainer.configlib import option
-from trainer.unet_settings import diffusion_kwargs
+from trainer.unet_settings import NetOverrides, ProcessSection
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
 @dataclass
 class ClassifierOptions:
+    model: NetOverrides = field(default_factory=NetOverrides)
+    diffusion: ProcessSection = field(default_factory=ProcessSection)
     classifier_size: str = option("tiny16", "classifier preset of diffusion.classifier (adm64: ADM's ImageNet 64x64 "
                                   "classifier)", choices=lambda: CLASSIFIER_PRESETS, frozen=True)
     max_t: float = option(1.0, "train on t < ceil(max_t * T) only (1 = every timestep)", unit="fraction of T",
                           lower=0.0, upper=1.0, lower_open=True, frozen=True)
 
 
-def classifier_config_dict(cfg: Any, preset: str) -> dict[str, Any]:
+def classifier_config_dict(m: NetOverrides, preset: str) -> dict[str, Any]:
     """The classifier configuration of a run: its preset with the model section's overrides."""
-    m = cfg.model
     o: dict[str, Any] = {"use_checkpoint": m.grad_checkpoint}
     for k in ("image_size", "num_classes", "dropout"):
         if getattr(m, k) is not None:
             o[k] = getattr(m, k)
     if o.get("num_classes") == 0:
-        raise UsageError("model.num_classes (--num-classes) 0: a classifier needs classes (>= 2)")
+        raise UsageError("objective.classifier.model.num_classes (--num-classes) 0: a classifier needs classes (>= 2)")
     return get_classifier_config(preset, **o).to_dict()
 
 
@@ -59,9 +61,10 @@ class NoisyClassifier(Objective):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.model_cfg = classifier_config_dict(cfg, self.options.classifier_size)
+        o = self.options
+        self.model_cfg = classifier_config_dict(o.model, o.classifier_size)
         self.num_classes = self.model_cfg["num_classes"]
-        self.diffusion_kw = diffusion_kwargs(cfg)
+        self.diffusion_kw = {"steps": o.diffusion.steps, "noise_schedule": o.diffusion.noise_schedule}
         self.diffusion = create_diffusion(**self.diffusion_kw)
         self.t_max = max(1, math.ceil(self.options.max_t * self.diffusion.num_timesteps))
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,24 +20,9 @@ from trainer import configlib
 from trainer.configlib import option
 
 
-def _presets() -> list[str]:
-    from diffusion.presets import PRESETS
-    return list(PRESETS)
-
-
 def _resizers() -> list[str]:
     from data.decode import RESIZERS
     return list(RESIZERS)
-
-
-def _schedules() -> tuple[str, ...]:
-    from diffusion import SCHEDULES
-    return SCHEDULES
-
-
-def _losses() -> tuple[str, ...]:
-    from diffusion import LOSS_TYPES
-    return LOSS_TYPES
 
 
 def _objectives() -> list[str]:
@@ -70,29 +57,6 @@ class DataSection:
 
 
 @dataclass
-class ModelSection:
-    size: str = option("tiny16", "UNet preset of diffusion.presets", choices=_presets, frozen=True,
-                       flag="--model-size")
-    image_size: int | None = option(None, "override the preset's image side", unit="px", lower=1, frozen=True)
-    num_classes: int | None = option(None, "override the preset's classes (0 = unconditional)", lower=0,
-                                     frozen=True)
-    dropout: float | None = option(None, "override the preset's dropout", lower=0.0, upper=1.0, upper_open=True)
-    grad_checkpoint: bool = option(False, "gradient (activation) checkpointing inside the UNet")
-    compile: bool = option(False, "torch.compile the model (inductor, static shapes; ZeRO 0-2; the first step "
-                           "compiles, cached on disk: see trainer/compile.py)")
-
-
-@dataclass
-class DiffusionSection:
-    steps: int = option(4000, "diffusion steps T", lower=1, frozen=True, flag="--diffusion-steps")
-    noise_schedule: str = option("cosine", "beta schedule", choices=_schedules, frozen=True)
-    loss: str = option("hybrid", "training loss (hybrid = L_simple + vlb_weight * L_vlb)", choices=_losses,
-                       frozen=True)
-    vlb_weight: float = option(0.001, "lambda of the hybrid loss", lower=0.0, frozen=True)
-    learn_sigma: bool = option(True, "learn the reverse-process variance (output 2C channels)", frozen=True)
-
-
-@dataclass
 class ObjectiveSection:
     name: str = option("iddpm", lambda: f"what is trained: {', '.join(_objectives())}, package.module:Class "
                        "or path/to/file.py:Class",
@@ -124,6 +88,8 @@ class OptimSection:
     phema_every: int = option(0, "snapshot interval of the power-function EMAs (0 = with every checkpoint)",
                               unit="images", lower=0)
     phema_dtype: str = option("fp16", "precision of the post-hoc EMA snapshots", choices=lambda: ("fp16", "bf16"))
+    compile: bool = option(False, "torch.compile every trained network (inductor, static shapes; ZeRO 0-2; the first "
+                           "step compiles, cached on disk: see trainer/compile.py)")
     deepspeed_config: str = option("", "DeepSpeed JSON merged over the generated config", metavar="FILE")
     nonfinite_patience: int = option(20, "consecutive non-finite-loss steps before stopping", unit="steps",
                                      lower=1)
@@ -155,8 +121,6 @@ class LogSection:
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -184,8 +148,7 @@ class TrainConfig:
         return d
 
 
-TITLES = {"run": "run", "data": "data", "model": "model (a diffusion.presets UNet plus overrides)",
-          "diffusion": "diffusion process", "objective": "objective", "optim": "optimisation (DeepSpeed)",
+TITLES = {"run": "run", "data": "data", "objective": "objective", "optim": "optimisation (DeepSpeed)",
           "checkpoint": "checkpoints and preemption", "log": "logging and preview grids"}
 
 
@@ -193,8 +156,9 @@ TITLES = {"run": "run", "data": "data", "model": "model (a diffusion.presets UNe
 # cosine schedule, T=4000, learned sigmas, Adam lr 1e-4 at batch 128; the class-conditional model compared
 # against BigGAN-deep uses 192 channels (our 270M) at lr 3e-4, batch 2048. EMA 0.9999 throughout.
 def _in64(size: str, classes: int, loss: str, steps: int, **optim: Any) -> dict[str, Any]:
-    return {"model": {"size": size, "image_size": 64, "num_classes": classes},
-            "diffusion": {"steps": 4000, "noise_schedule": "cosine", "learn_sigma": True, "loss": loss},
+    return {"objective": {"iddpm": {
+                "model": {"size": size, "image_size": 64, "num_classes": classes},
+                "diffusion": {"steps": 4000, "noise_schedule": "cosine", "learn_sigma": True, "loss": loss}}},
             "optim": {"ema": "0.9999", "lr": 1e-4, "global_batch": 128, "weight_decay": 0.0, "total_steps": steps,
                       **optim},
             "checkpoint": {"save_every": 10_000}, "log": {"log_every": 100, "sample_every": 10_000}}
@@ -211,9 +175,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                              zero_stage=2),
     # the `make demo` recipe: 16 px digits, tiny UNet, CFG label dropout, loss-aware sampler
     "digits-demo": {
-        "model": {"size": "tiny16", "image_size": 16, "num_classes": 10},
-        "diffusion": {"steps": 1000, "noise_schedule": "cosine", "loss": "hybrid"},
-        "objective": {"iddpm": {"timestep_sampler": "loss-second-moment", "label_dropout": 0.1}},
+        "objective": {"iddpm": {"model": {"size": "tiny16", "image_size": 16, "num_classes": 10},
+                                "diffusion": {"steps": 1000, "noise_schedule": "cosine", "loss": "hybrid"},
+                                "timestep_sampler": "loss-second-moment", "label_dropout": 0.1}},
         "optim": {"global_batch": 64, "lr": 1e-3, "warmup_steps": 100, "ema": "0.995", "total_steps": 600,
                   "grad_clip": 1.0},
         "data": {"flip": False}, "checkpoint": {"save_every": 200},
@@ -233,34 +197,26 @@ def _objective_name(given: str | None, cfile: dict[str, Any], recipe: dict[str, 
     return given or ObjectiveSection.name
 
 
-def objective_sections(given: dict[str, type] | None = None) -> dict[str, type]:
-    """Name -> Options dataclass of every objective whose settings get a --help section: the registered ones,
-    plus `given` (an objective imported by path appears once, under the name it was given by). Objectives that share
-    one Options class (a plugin subclassing a built-in) share the first one's section."""
-    from trainer.objective import OBJECTIVES, load_builtin_objectives
-    load_builtin_objectives()
-    given = given or {}
-    sections: dict[str, type] = {}
-    for k, v in OBJECTIVES.items():  # a subclass sharing its parent's Options gets no second section
-        if v.Options is not None and v.Options not in given.values() and v.Options not in sections.values():
-            sections[k] = v.Options
-    return {**sections, **given}
-
-
-def build_parser(sections: dict[str, type] | None = None) -> ArgumentParser:
-    """The generated CLI: one group per config section, plus one per objective in `sections` (default: every
-    registered objective with options)."""
+def build_parser(name: str = ObjectiveSection.name) -> ArgumentParser:
+    """The generated CLI: one group per config section, plus the settings of objective `name` (its Options, nested
+    sections included: e.g. iddpm's model and diffusion)."""
+    from trainer.objective import get_objective
+    others = [k for k in _objectives() if k != name]
     p = ArgumentParser(prog="trainer.main", description=(
         "Train a diffusion objective with DeepSpeed (any launcher). Precedence: defaults < --recipe < --config FILE "
         "< flags. Re-running the same command resumes from RUN_DIR/checkpoints/latest. Exit codes: 0 done, "
-        "2 bad input, 3 non-finite loss, 75 preempted (state saved; re-run to resume)."))
+        "2 bad input, 3 non-finite loss, 75 preempted (state saved; re-run to resume)."),
+        epilog=f"The settings shown are those of objective {name}; `--objective NAME --help` shows another's "
+               f"({', '.join(others)}).")
     p.add_argument("--recipe", metavar="NAME", help=f"named recipe: {', '.join(RECIPES)}")
     p.add_argument("--config", metavar="FILE", help="JSON config (e.g. RUN_DIR/config.json of an earlier run)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     seen: dict[str, str] = {}
     configlib.add_flags(p, TrainConfig, TITLES, seen=seen)
-    for name, cls in (objective_sections() if sections is None else sections).items():
-        configlib.add_flags(p, cls, {f"objective.{name}": f"objective {name}"}, f"objective.{name}", seen)
+    options = get_objective(name).Options
+    if options is not None:
+        configlib.add_flags(p, options, configlib.section_titles(options, f"objective.{name}", f"objective {name}"),
+                            f"objective.{name}", seen)
     return p
 
 
@@ -277,10 +233,38 @@ def load_json(path: str, what: str) -> dict[str, Any]:
     return d
 
 
+def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A config of the trainer before 2026-12-08, which kept the UNet and the diffusion in the global sections
+    `model` and `diffusion`, in today's layout: they move under objective.NAME where its options have such a
+    section (keys it lacks are dropped: e.g. a classifier never used model.size), model.compile becomes
+    optim.compile. Today's configs are returned unchanged (a copy)."""
+    from trainer.objective import get_objective
+    d = copy.deepcopy(d)
+    if "model" not in d and "diffusion" not in d:
+        return d
+    model, diffusion = d.pop("model", None) or {}, d.pop("diffusion", None) or {}
+    for key, section in (("model", model), ("diffusion", diffusion)):
+        if not isinstance(section, dict):
+            raise UsageError(f"configuration: section {key} must be a JSON object")
+    if "compile" in model:
+        d.setdefault("optim", {})["compile"] = model.pop("compile")
+    obj = d.setdefault("objective", {})
+    name = obj.get("name", ObjectiveSection.name)
+    options = get_objective(name).Options
+    fields = {f.name: f.type for f in dataclasses.fields(options)} if options is not None else {}
+    hints = typing.get_type_hints(options) if options is not None else {}
+    for key, section in (("model", model), ("diffusion", diffusion)):
+        if key in fields and dataclasses.is_dataclass(hints[key]) and section:
+            keep = {f.name for f in dataclasses.fields(hints[key])}
+            obj.setdefault(name, {})[key] = {**{k: v for k, v in section.items() if k in keep},
+                                             **obj.get(name, {}).get(key, {})}
+    return d
+
+
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Nested dict -> validated TrainConfig, the objective's options (under objective.NAME) included."""
     from trainer.objective import get_objective
-    d = copy.deepcopy(d)
+    d = upgrade(d)
     d.pop("frozen", None)  # config.json records the frozen networks' files (trainer.networks): not a setting
     obj = d.get("objective")
     opts = {k: obj.pop(k) for k in list(obj) if k not in ("name", "sampler_sync")} if isinstance(obj, dict) else {}
@@ -309,14 +293,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if known.recipe not in RECIPES:
             raise UsageError(f"unknown recipe {known.recipe!r}; choose one of {', '.join(RECIPES)}")
         recipe = configlib.merge(copy.deepcopy(RECIPES[known.recipe]), {"run": {"recipe": known.recipe}})
-    cfile = load_json(known.config, "--config") if known.config else {}
+    cfile = upgrade(load_json(known.config, "--config")) if known.config else {}
     name = _objective_name(known.objective, cfile, recipe)
-    cls = get_objective(name)
-    sections = objective_sections({name: cls.Options} if cls.Options is not None else None)
-    given = vars(build_parser(sections).parse_args(argv))
+    options = get_objective(name).Options
+    given = vars(build_parser(name).parse_args(argv))
     flags = configlib.flags_to_dict(given, TrainConfig)
-    for oname, ocls in sections.items():
-        configlib.merge(flags, configlib.flags_to_dict(given, ocls, f"objective.{oname}", ["objective", oname]))
+    if options is not None:
+        configlib.merge(flags, configlib.flags_to_dict(given, options, f"objective.{name}", ["objective", name]))
     merged = configlib.merge(configlib.merge(recipe, cfile), flags)
     cfg = config_from_dict(merged)
     validate(cfg)
@@ -353,7 +336,7 @@ def validate(c: TrainConfig) -> None:
         if not torch.cuda.is_available():
             raise UsageError("optim.precision (--precision) fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling "
                              "has no CPU path); use --precision bf16 or fp32 on CPU")
-    if c.model.compile and c.optim.zero_stage == 3:
+    if c.optim.compile and c.optim.zero_stage == 3:
         from trainer.compile import ZERO3_REASON
         raise UsageError(ZERO3_REASON)
     if c.optim.deepspeed_config and not os.path.isfile(c.optim.deepspeed_config):
@@ -365,7 +348,7 @@ def validate(c: TrainConfig) -> None:
 def frozen_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Flags of frozen settings that differ between a saved config.json and `cfg` (objective options included)."""
     from trainer.objective import get_objective
-    new = cfg.to_dict()
+    new, saved = cfg.to_dict(), upgrade(saved)
     changed = configlib.frozen_changes(TrainConfig, saved, new)
     opts, name = get_objective(cfg.objective.name).Options, cfg.objective.name
     if opts is not None and not changed:  # the objective's own settings are compared once the sections agree

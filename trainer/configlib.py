@@ -237,6 +237,20 @@ def _help_text(s: Setting) -> str:
     return " ".join(parts).replace("%", "%%")
 
 
+def section_titles(cls: type, section: str, title: str) -> dict[str, str]:
+    """{section path: --help group title} of a config dataclass and its nested sections (a nested section's title:
+    `title: ` + the first line of its class docstring, else its name)."""
+    out = {section: title}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            doc = (t.__doc__ or "").strip().splitlines()
+            sub = f"{section}.{f.name}" if section else f.name
+            out.update(section_titles(t, sub, f"{title}: {doc[0] if doc else f.name}"))
+    return out
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, titles: dict[str, str], section: str = "",
               seen: dict[str, str] | None = None) -> None:
     """One argparse group per section; every flag's help shows its default, unit and allowed values. Defaults are
@@ -270,7 +284,10 @@ def flags_to_dict(given: dict[str, Any], cls: type, section: str = "", nest: lis
     for s in settings(cls, section):
         if s.dest in given:
             node = out
-            for part in nest if nest is not None else (s.section.split(".") if s.section else []):
+            inner = s.section[len(section):].strip(".")  # a nested section's path below `section`
+            parts = (nest + (inner.split(".") if inner else [])) if nest is not None else \
+                (s.section.split(".") if s.section else [])
+            for part in parts:
                 node = node.setdefault(part, {})
             node[s.name] = given[s.dest]
     return out

@@ -3,7 +3,7 @@ timesteps from a uniform or loss-aware (importance) sampler, with label dropout 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,11 +14,13 @@ from diffusion.presets import create_model_from_config
 from diffusion.timestep_samplers import SAMPLERS
 from trainer.configlib import option
 from trainer.objective import Batch, Net, Objective, register_objective
-from trainer.unet_settings import diffusion_kwargs, grid_labels, model_config_dict
+from trainer.unet_settings import DiffusionSection, UNetSection, diffusion_kwargs, grid_labels, model_config_dict
 
 
 @dataclass
 class IddpmOptions:
+    model: UNetSection = field(default_factory=UNetSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     timestep_sampler: str = option("uniform", "timestep sampler (loss-second-moment: importance sampling of "
                                    "L_vlb by the loss history)", choices=lambda: SAMPLERS, frozen=True)
     label_dropout: float = option(0.0, "probability of the null label (classifier-free guidance training)",
@@ -36,15 +38,18 @@ class ImprovedDDPM(Objective):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        if cfg.diffusion.loss == "simple" and cfg.diffusion.learn_sigma:
-            raise UsageError("diffusion.loss (--loss) simple with learned sigmas trains no variance: use --loss hybrid "
-                             "(what improved-diffusion trains for learned sigmas) or --no-learn-sigma")
+        d = cfg.objective.options.diffusion
+        if d.loss == "simple" and d.learn_sigma:
+            raise UsageError("objective.iddpm.diffusion.loss (--loss) simple with learned sigmas trains no variance: "
+                             "use --loss hybrid (what improved-diffusion trains for learned sigmas) or "
+                             "--no-learn-sigma")
 
     @classmethod
     def check_data(cls, cfg: Any, shape: tuple[int, ...]) -> None:
         """The UNet's side must be the data's (a convolutional UNet would train on any size and be exported with the
         wrong one)."""
-        side = model_config_dict(cfg)["image_size"]
+        o = cfg.objective.options
+        side = model_config_dict(o.model, o.diffusion.learn_sigma)["image_size"]
         if shape != (side, side):
             raise UsageError(f"--data {cfg.data.source} holds {shape[0]}x{shape[1]} images but the model is {side} px;"
                              f" pass --data-image-size {side} to resize them when read, or --image-size {shape[0]} for "
@@ -52,9 +57,10 @@ class ImprovedDDPM(Objective):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.model_cfg = model_config_dict(cfg)
+        o = self.options
+        self.model_cfg = model_config_dict(o.model, o.diffusion.learn_sigma)
         self.num_classes = self.model_cfg.get("num_classes") or 0
-        self.diffusion_kw = diffusion_kwargs(cfg)
+        self.diffusion_kw = diffusion_kwargs(o.diffusion)
         self.diffusion = create_diffusion(**self.diffusion_kw)
         self.sampler = create_timestep_sampler(self.options.timestep_sampler, self.diffusion.num_timesteps)
         self._rows: list[torch.Tensor] = []

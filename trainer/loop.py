@@ -118,12 +118,13 @@ class Trainer:
                 raise UsageError(f"{self.cfg.run.run_dir}: {problem}")
         ema_nets = [k for k, n in nets.items() if n.ema and not n.frozen]
         if self.cfg.phema_sigmas() and len(ema_nets) != 1:
-            raise UsageError(f"optim.phema (--phema) tracks the EMAs of one network; objective {self.cfg.objective.name}"
-                             f" keeps EMAs of {len(ema_nets)} ({', '.join(ema_nets) or 'none'}): leave --phema out")
+            raise UsageError(f"optim.phema (--phema) tracks the EMAs of one network; objective "
+                             f"{self.cfg.objective.name} keeps EMAs of {len(ema_nets)} ({', '.join(ema_nets) or 'none'})"
+                             f": leave --phema out")
         self.engines = {k: self._make_engine(n) for k, n in nets.items() if not n.frozen}
         self.primary = DEFAULT if DEFAULT in self.engines else next(iter(self.engines))  # its figures are train/*
         self.engine = self.engines[self.primary]
-        self.nets = {k: (self._engine_fn(self.engines[k]) if not n.frozen else prepare_frozen(n, self.device, self.dtype))
+        self.nets = {k: prepare_frozen(n, self.device, self.dtype) if n.frozen else self._engine_fn(self.engines[k])
                      for k, n in nets.items()}
         self.objective.nets = self.nets
 
@@ -169,7 +170,7 @@ class Trainer:
         ds["optimizer"]["params"].update({k: v for k, v in own.items() if v is not None})
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds,
                                                lr_scheduler=sched)
-        if cfg.model.compile:  # in place: parameter names, checkpoints and the EMA's views are unchanged
+        if cfg.optim.compile:  # in place: parameter names, checkpoints and the EMA's views are unchanged
             from trainer.compile import compile_engine
             compile_engine(engine, cfg.optim.zero_stage)
         if self.world == 1 and cfg.optim.zero_stage == 0:
@@ -184,13 +185,14 @@ class Trainer:
         w = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=self.step + 1 if self.step else None)
         w.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", self.step)
         w.add_text("deepspeed_config", "```\n" + json.dumps(self.ds_config, indent=2) + "\n```", self.step)
-        sizes = {k: sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters()) for k, e in self.engines.items()}
+        sizes = {k: sum(getattr(p, "ds_numel", p.numel()) for p in e.module.parameters())
+                 for k, e in self.engines.items()}
         n_params = sum(sizes.values())
         nets = "" if list(self.networks) == [DEFAULT] else " [" + ", ".join(
             f"{k} {sizes[k] / 1e6:.2f}M" if k in sizes else f"{k} frozen" for k in self.networks) + "]"
         start = f"resuming at step {self.step} from {self.resume_from}" if self.resume_from else "fresh start"
         print(f"trainer: {self.launcher} launch, {self.world} rank(s) on {self.device.type}, {cfg.objective.name} "
-              f"objective, {cfg.model.size} ({n_params / 1e6:.2f}M params){nets}, global batch {cfg.optim.global_batch} = "
+              f"objective ({n_params / 1e6:.2f}M params){nets}, global batch {cfg.optim.global_batch} = "
               f"{self.micro} x {self.accum} accum x {self.world} ranks, {cfg.optim.precision}, ZeRO-"
               f"{cfg.optim.zero_stage}, {start}; TensorBoard: {os.path.join(cfg.run.run_dir, 'tb')}", flush=True)
         return w
@@ -249,7 +251,8 @@ class Trainer:
                 and self.cfg.optim.zero_stage == 0 and self.cfg.optim.precision == "fp32":
             grads = [p.grad for p in e.module.parameters() if p.grad is not None]
             if grads:
-                self.grad_norms[name] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+                norms = torch.stack(torch._foreach_norm(grads)).double()
+                self.grad_norms[name] = float(torch.linalg.vector_norm(norms))
 
     def _grad_norm(self, name: str) -> float:
         gn = self.engines[name].get_global_grad_norm()

@@ -29,8 +29,8 @@ Net = Callable[..., torch.Tensor]
 
 class Step:
     """`index`: optimizer steps the run has taken before this one (0 first); `accum`: micro-batches per optimizer
-    step; `micro`: images per micro-batch on this rank; `generator`: every random draw of this step on this rank (seeded from (seed, rank, step), so a resumed run
-    draws the same numbers)."""
+    step; `micro`: images per micro-batch on this rank; `generator`: every random draw of this step on this rank
+    (seeded from (seed, rank, step), so a resumed run draws the same numbers)."""
 
     def __init__(self, trainer: "Trainer", generator: torch.Generator, log_now: bool) -> None:
         self._t, self.generator, self._log_now = trainer, generator, log_now

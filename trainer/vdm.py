@@ -27,7 +27,7 @@ and ZeRO-3 after one step (1e-6) and their grad norms (1e-5).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from diffusion.losses import NATS_TO_BITS
 from diffusion.vdm import GAMMA_MAX, GAMMA_MIN, SCHEDULE_KINDS, build_vdm, low_discrepancy_t, plot_snr, sample, \
     snr_curves, vdm_kwargs
 from trainer.configlib import option
-from trainer.unet_settings import grid_labels, model_config_dict
+from trainer.unet_settings import UNetSection, grid_labels, model_config_dict
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
@@ -55,6 +55,7 @@ def parse_fourier(text: str) -> tuple[int, ...]:
 
 @dataclass
 class VdmOptions:
+    model: UNetSection = field(default_factory=UNetSection)
     schedule: str = option("learned", "noise schedule gamma(t) = -log SNR(t): learned (VDM's monotone network with "
                            "learned endpoints), or cosine / linear fixed between --gamma-min and --gamma-max",
                            choices=lambda: SCHEDULE_KINDS, frozen=True)
@@ -82,7 +83,7 @@ class VariationalDiffusion(Objective):
         if not o.gamma_min < o.gamma_max:
             raise UsageError(f"objective.vdm.gamma_min (--gamma-min) {o.gamma_min} must be below "
                              f"objective.vdm.gamma_max (--gamma-max) {o.gamma_max}")
-        self.model_cfg = {**model_config_dict(cfg), "learn_sigma": False}
+        self.model_cfg = model_config_dict(o.model, learn_sigma=False)
         self.num_classes = self.model_cfg.get("num_classes") or 0
         self.vdm_cfg = {"kind": "vdm", "schedule": o.schedule, "gamma_min": o.gamma_min, "gamma_max": o.gamma_max,
                         "fourier": list(parse_fourier(o.fourier)), "loss_steps": o.loss_steps}
