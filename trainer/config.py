@@ -249,12 +249,13 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     if "compile" in model:
         d.setdefault("optim", {})["compile"] = model.pop("compile")
     obj = d.setdefault("objective", {})
+    if not isinstance(obj, dict):
+        return d  # from_dict names the bad section
     name = obj.get("name", ObjectiveSection.name)
     options = get_objective(name).Options
-    fields = {f.name: f.type for f in dataclasses.fields(options)} if options is not None else {}
     hints = typing.get_type_hints(options) if options is not None else {}
     for key, section in (("model", model), ("diffusion", diffusion)):
-        if key in fields and dataclasses.is_dataclass(hints[key]) and section:
+        if dataclasses.is_dataclass(hints.get(key)) and section:
             keep = {f.name for f in dataclasses.fields(hints[key])}
             obj.setdefault(name, {})[key] = {**{k: v for k, v in section.items() if k in keep},
                                              **obj.get(name, {}).get(key, {})}
