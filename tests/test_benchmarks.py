@@ -77,3 +77,28 @@ def test_gpu_check_bad_input_is_one_line_exit_2() -> None:
                        env=dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES=""),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CUDA device" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_networks_runs_the_toy_gan_trainer_and_its_bare_loop_and_runs_compare(tmp_path) -> None:
+    """benchmarks.bench_networks on 2 ranks (ZeRO 1) writes its table; compare_trainer_runs reads bench_trainer
+    JSON of two 'trees' (here: the same results twice) and writes the before/after table."""
+    out = tmp_path / "networks.md"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_networks", "--hidden", "16", "--batch", "4",
+                        "--steps", "4", "--warmup", "1", "--cases", "2:1", "--repeats", "1", "--work-dir",
+                        str(tmp_path / "work"), "--out", str(out)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    case, = json.loads(out.with_suffix(".json").read_text())["cases"]
+    assert (case["ranks"], case["zero"]) == (2, 1) and len(case["bare"]["per_rank"]) == 2
+    assert case["trainer"]["img_s"] > 0 and case["overhead"] == pytest.approx(
+        1 - case["trainer"]["img_s"] / case["bare"]["img_s"])
+    assert "| 1 | 2 | 1 |" in out.read_text()
+
+    results = os.path.join(ROOT, "benchmarks", "results", "trainer-rounds.json")  # a committed bench_trainer run
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare_trainer_runs", "--before", results, "--after", results,
+                        "--out", str(tmp_path / "cmp.md")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert rows and all(x == 1.0 for row in rows for x in row["ratio"])  # the same runs: ratio 1 in every round
