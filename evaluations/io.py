@@ -5,7 +5,6 @@ Errors are `data.cli.UsageError` (one line, exit code 2 in the CLIs); atomic wri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import zipfile
 from typing import Any, Callable
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from data.cli import ArgumentParser, UsageError, flag
+from data.fsio import sha256_file
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -106,13 +106,9 @@ def inference_parser(prog: str, doc: str) -> ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return sha256_file(path)
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:

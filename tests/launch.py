@@ -14,6 +14,13 @@ ENV = dict({k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "
            OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore::FutureWarning")
 
 
+def prepare_digits(out_dir: str) -> str:
+    """The 16 px digits shards in `out_dir` (data.prepare digits); returns the train manifest's path."""
+    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", out_dir, "--size", "16",
+                    "--no-progress"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    return os.path.join(out_dir, "train-manifest.json")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

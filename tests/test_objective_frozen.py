@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -74,16 +72,14 @@ pytestmark = pytest.mark.slow
 
 def test_frozen_network_is_not_optimized_not_checkpointed_and_a_changed_file_is_refused(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
-    from launch import ENV, ROOT, output, start_ranks, wait
+    from launch import output, prepare_digits, start_ranks, wait
     from data.fsio import sha256_file
-    data = tmp_path / "digits"
-    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", str(data), "--size", "16",
-                    "--no-progress"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    manifest = prepare_digits(str(tmp_path / "digits"))
     torch.manual_seed(0)
     teacher = str(tmp_path / "teacher.safetensors")
     save_file(mlp().state_dict(), teacher)
     run_dir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
-    args = ["--objective", PLUGIN, "--teacher-file", teacher, "--data", str(data / "train-manifest.json"),
+    args = ["--objective", PLUGIN, "--teacher-file", teacher, "--data", manifest,
             "--run-dir", run_dir, "--global-batch", "8", "--lr", "1e-3", "--ema", "0.9", "--save-every", "2",
             "--log-every", "1", "--precision", "bf16", "--seed", "1"]
     assert wait(start_ranks([*args, "--total-steps", "4"], log, 1)) == [0], output(log)[-3000:]

@@ -151,11 +151,8 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> str:
-    from launch import ENV, ROOT
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out-dir", str(out), "--size", "16",
-                    "--no-progress"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
-    return str(out / "train-manifest.json")
+    from launch import prepare_digits
+    return prepare_digits(str(tmp_path_factory.mktemp("digits")))
 
 
 def args(digits: str, run_dir: str, zero: int) -> list[str]:
