@@ -517,7 +517,9 @@ class GaussianDiffusion:
         """The full variational bound in bits/dim for x_start [B,...] on the 256-level grid of [-1,1].
 
         Returns total_bpd [B] (= prior_bpd + sum_t vb), prior_bpd [B], vb [B,T], xstart_mse [B,T], mse [B,T]
-        (epsilon MSE), one model call per timestep of this process."""
+        (epsilon MSE), one model call per timestep of this process. Column t of the [B,T] tensors is timestep t
+        (ascending); improved-diffusion's calc_bpd_loop returns them in the loop's order, t = T-1 first
+        (`.flip(1)` gives that order)."""
         B, T = x_start.shape[0], self.num_timesteps
         vb, xstart_mse, mse = [], [], []
         for i in _progress(range(T - 1, -1, -1), progress, "bpd"):

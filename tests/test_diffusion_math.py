@@ -246,3 +246,23 @@ def test_low_precision_inputs_compute_in_float32():
     xt = D.q_sample(x0.bfloat16(), t, noise=noise.bfloat16())
     assert xt.dtype == torch.bfloat16
     torch.testing.assert_close(xt.float(), D.q_sample(x0, t, noise=noise), rtol=1e-2, atol=1e-2)
+
+
+def test_unrescaled_hybrid_loss_on_a_respaced_process_is_refused():
+    """vlb_weight 1/T is improved-diffusion's hybrid loss without rescale_learned_sigmas (mse + L_t at any
+    respacing in the original code); on a respaced process ours would weigh L_t by T'/T: refused with one line.
+    The rescaled loss (0.001, the original's T'/1000 L_t) and the full process are computed as before."""
+    import pytest
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    t = torch.tensor([0, 3])
+
+    def model(x_t, ts, **kw):
+        return torch.zeros(x_t.shape[0], 6, *x_t.shape[2:])
+    full = create_diffusion(steps=100, learn_sigma=True, loss="hybrid", vlb_weight=1 / 100)
+    assert torch.isfinite(full.training_losses(model, x, t)["loss"]).all()
+    spaced = create_diffusion(steps=100, learn_sigma=True, loss="hybrid", vlb_weight=1 / 100, timestep_respacing="10")
+    with pytest.raises(ValueError, match=r"vlb_weight 1/100 .* respaced to 10 steps.*timestep_respacing ''"):
+        spaced.training_losses(model, x, t)
+    rescaled = create_diffusion(steps=100, learn_sigma=True, loss="hybrid", vlb_weight=0.001, timestep_respacing="10")
+    out = rescaled.training_losses(model, x, t)
+    torch.testing.assert_close(out["loss"], out["mse"] + 0.001 * 10 * out["vb"])

@@ -423,7 +423,7 @@ class Trainer:
             try:
                 nbytes = write_snapshot(self.cfg.run.run_dir, self.step,
                                         {s: {**w, **buffers} for s, w in states.items()},
-                                        DTYPES[self.cfg.optim.phema_dtype])
+                                        DTYPES[self.cfg.optim.phema_dtype], buffers=list(buffers))
                 self.writer.add_scalar("phema/snapshot_mb", nbytes / 2**20, self.step)
                 print(f"trainer: post-hoc EMA snapshot at step {self.step}: {nbytes / 2**20:.1f} MiB "
                       f"({self.cfg.optim.phema_dtype}, sigma_rel {self.cfg.optim.phema})", flush=True)

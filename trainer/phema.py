@@ -31,7 +31,13 @@ Snapshots (written by the trainer's tracker with `write_snapshot`, read here wit
     RUN_DIR/phema/snapshot_{step:08d}.safetensors
         "{sigma_rel}/{name}"  fp16 or bf16 (fp32 allowed), the full model state dict per tracked sigma_rel,
                               sigma_rel spelled as given (e.g. "0.05"); non-float buffers kept as they are
-        metadata: {"step": "1200", "sigma_rels": "0.05,0.10", "dtype": "bf16"}
+        metadata: {"step": "1200", "sigma_rels": "0.05,0.10", "dtype": "bf16", "buffers": "name1,name2"}
+
+Buffers: only parameters are averaged. The trainer's EMAs (checkpoint files and snapshots alike) carry the live
+module's buffers at save time, so a reconstruction takes every buffer from the latest snapshot it uses (as edm2's
+reconstruct_phema does), whatever its dtype. Snapshots written before the "buffers" entry existed (2026-12-08)
+do not say which tensors are buffers: there, float buffers are combined like parameters (the coefficients sum to
+1, so a buffer that never changed comes out as it was, to float32 rounding).
 """
 from __future__ import annotations
 
@@ -84,8 +90,10 @@ def sigma_rel_to_gamma(sigma_rel: float | str) -> float:
 
     With u = gamma + 1, f(u) = u / ((u+1)^2 (u+2)) = sigma_rel^2 is strictly decreasing on [1/phi, inf), where
     the largest root lies; f(1/sigma_rel) < sigma_rel^2 brackets it. Bisection (a fixed 200 halvings, stopping once
-    the bracket no longer shrinks) is exact to the last bit and safe at the double root at SIGMA_REL_MAX, where
-    Newton and the companion-matrix eigenvalues of np.roots lose half the digits.
+    the bracket no longer shrinks) ends on adjacent doubles around the root and is safe at the double root at
+    SIGMA_REL_MAX, where Newton and the companion-matrix eigenvalues of np.roots lose half the digits. There the
+    root itself is ill-conditioned (sigma_rel^2 - f(u) is quadratic in u - u*): an error of one ulp in sigma_rel^2
+    moves it by ~sqrt(eps), so both this and edm2's solver return gamma ~2e-8 from 1/phi - 1 at SIGMA_REL_MAX.
     """
     s2 = check_sigma_rel(sigma_rel) ** 2
     lo, hi = 1.0 / _PHI, 1.0 / math.sqrt(s2)  # f(lo) >= s2 > f(hi)
@@ -125,14 +133,20 @@ def profile_dot(t_a: float | np.ndarray, gamma_a: float | np.ndarray,
 
 
 def solve_coefficients(ts: Sequence[float], gammas: Sequence[float], target_t: float, target_gamma: float,
-                       rcond: float | None = None) -> np.ndarray:
+                       rcond: float | None = None, normalize: bool = True) -> np.ndarray:
     """Coefficients x [N] with sum_i x_i p_{t_i, gamma_i} closest in L2 to p_{target_t, target_gamma}.
 
     x is the float64 least-squares solution of the Gram system A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_r>.
     A is badly conditioned (neighbouring snapshots' profiles are nearly parallel); A and b are first scaled by
     D = diag(A)^(-1/2) (each profile normalised to unit L2 norm, which removes the 1/t and gamma scales), then
     solved by SVD (np.linalg.lstsq) with singular values below rcond * largest dropped (default: numpy's
-    N * machine epsilon): the minimum-norm solution among the equally good fits.
+    N * machine epsilon): the minimum-norm solution among the equally good fits. Finally (unless `normalize` is
+    False) x is divided by its sum
+    (as edm2's solve_posthoc_coefficients does): every profile integrates to 1, and so must their combination,
+    or each reconstructed weight is scaled by sum(x). The least-squares x alone sums to 0.993-1.0002 on the
+    digits run; weights are large next to their drift over training, so that scale error dominated (the tracked
+    sigma_rel 0.10 rebuilt at step 120 of a tiny16 run without its own last snapshot profile, against the fp32
+    tracked EMA: relative L2 error 4.3e-2 without the division, 7.2e-4 with it; tests/test_phema.py).
     """
     t = np.asarray(ts, dtype=np.float64).reshape(-1)
     g = np.asarray(gammas, dtype=np.float64).reshape(-1)
@@ -142,7 +156,8 @@ def solve_coefficients(ts: Sequence[float], gammas: Sequence[float], target_t: f
     b = profile_dot(t, g, float(target_t), float(target_gamma))
     d = 1.0 / np.sqrt(np.diag(A))
     y = np.linalg.lstsq(A * d[:, None] * d[None, :], b * d, rcond=rcond)[0]
-    return y * d
+    x = y * d
+    return x / x.sum() if normalize else x
 
 
 def fit_error(ts: Sequence[float], gammas: Sequence[float], target_t: float, target_gamma: float,
@@ -180,12 +195,13 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def write_snapshot(run_dir: str, step: int, states: dict[str, dict[str, torch.Tensor]],
-                   dtype: torch.dtype | str = "bf16") -> int:
+                   dtype: torch.dtype | str = "bf16", buffers: Iterable[str] = ()) -> int:
     """Write the power EMAs of one step atomically to `snapshot_path(run_dir, step)`; return the file's bytes.
 
     `states` maps each tracked sigma_rel, spelled as it should appear in the file (e.g. "0.05"), to the full model
     state dict (same names for every sigma_rel, on any device). Floating tensors are stored in `dtype` ("bf16",
-    "fp16" or "fp32"), others (integer buffers) as they are.
+    "fp16" or "fp32"), others (integer buffers) as they are. `buffers`: the names that are the module's buffers,
+    not parameters (recorded; a reconstruction takes them from its latest snapshot instead of averaging them).
     """
     from data.fsio import atomic_save_safetensors
     name = _dtype_name(dtype)
@@ -206,9 +222,12 @@ def write_snapshot(run_dir: str, step: int, states: dict[str, dict[str, torch.Te
         for k, v in sd.items():  # cast where the tensor lives (one at a time), then a fresh CPU copy: tied
             v = v.detach()       # weights must not share storage in safetensors
             flat[f"{s}/{k}"] = (v.to(DTYPES[name]) if v.is_floating_point() else v).to("cpu", copy=True)
+    buffers = sorted(buffers)
+    if any("," in b or b not in names for b in buffers):
+        raise ValueError(f"buffers {buffers[:3]}...: every buffer must be a state dict name without commas")
     path = snapshot_path(run_dir, step)
     atomic_save_safetensors(path, flat, metadata={"step": str(int(step)), "sigma_rels": ",".join(states),
-                                                  "dtype": name})
+                                                  "dtype": name, "buffers": ",".join(buffers)})
     return os.path.getsize(path)
 
 
@@ -220,6 +239,7 @@ class Snapshot:
     sigma_rels: tuple[str, ...]  # as spelled in the file
     dtype: str  # "bf16", "fp16" or "fp32"
     names: tuple[str, ...]  # state dict names, the same for every sigma_rel
+    buffers: tuple[str, ...] | None = None  # the names that are buffers; None: not recorded (older snapshots)
 
     @property
     def gammas(self) -> tuple[float, ...]:
@@ -259,7 +279,11 @@ def read_snapshot(path: str) -> Snapshot:
     names = sorted(k.split("/", 1)[1] for k in keys if k.startswith(sigmas[0] + "/"))
     if len(keys) != len(sigmas) * len(names) or not all(f"{s}/{n}" in keys for s in sigmas for n in names):
         raise UsageError(f"{path}: the tensors are not one full state dict per sigma_rel {meta['sigma_rels']}")
-    return Snapshot(path=path, step=int(meta["step"]), sigma_rels=sigmas, dtype=meta["dtype"], names=tuple(names))
+    buffers = tuple(b for b in meta["buffers"].split(",") if b) if "buffers" in meta else None
+    if buffers is not None and not set(buffers) <= set(names):
+        raise UsageError(f"{path}: metadata names buffers that are not in the state dict")
+    return Snapshot(path=path, step=int(meta["step"]), sigma_rels=sigmas, dtype=meta["dtype"], names=tuple(names),
+                    buffers=buffers)
 
 
 def read_snapshots(run_dir: str) -> list[Snapshot]:
@@ -279,8 +303,9 @@ class Plan:
     gamma: float
     step: int
     profiles: tuple[tuple[int, str], ...]
-    x: np.ndarray  # [N] float64
+    x: np.ndarray  # [N] float64, summing to 1
     fit_error: float  # relative L2 error of the profile
+    lsq_sum: float = 1.0  # sum of the least-squares coefficients before they were normalised (a fit diagnostic)
 
 
 def plan(snapshots: Sequence[Snapshot], sigma_rels: Iterable[float | str], at_step: int | None = None) -> list[Plan]:
@@ -309,9 +334,10 @@ def plan(snapshots: Sequence[Snapshot], sigma_rels: Iterable[float | str], at_st
             gs.append(g)
     out = []
     for s, g in targets:
-        x = solve_coefficients(ts, gs, t_r, g)
+        raw = solve_coefficients(ts, gs, t_r, g, normalize=False)
+        x = raw / raw.sum()
         out.append(Plan(sigma_rel=s, gamma=g, step=t_r, profiles=tuple(profiles), x=x,
-                        fit_error=fit_error(ts, gs, t_r, g, x)))
+                        fit_error=fit_error(ts, gs, t_r, g, x), lsq_sum=float(raw.sum())))
     return out
 
 
@@ -320,8 +346,8 @@ def combine(snapshots: Sequence[Snapshot], plans: Sequence[Plan], progress: bool
     """sum_j x_j theta_hat_j for every plan -> {sigma_rel: fp32 state dict}.
 
     Tensor by tensor: each is read from every snapshot once (for all plans) and summed in float64, so the peak
-    memory is the fp32 outputs plus one float64 tensor per plan. Non-float tensors (integer buffers) are
-    copied from the latest snapshot used.
+    memory is the fp32 outputs plus one float64 tensor per plan. Buffers (as the latest snapshot used records
+    them) and non-float tensors are copied from the latest snapshot used (see the module docstring).
     """
     from contextlib import ExitStack
     from safetensors import safe_open
@@ -332,6 +358,8 @@ def combine(snapshots: Sequence[Snapshot], plans: Sequence[Plan], progress: bool
         raise ValueError("plans must share their snapshots (make them with one call of plan())")
     used = sorted({i for i, _ in profiles})
     names = snapshots[used[0]].names
+    latest = snapshots[used[-1]]
+    copied = set(latest.buffers or ())
     out: dict[str, dict[str, torch.Tensor]] = {p.sigma_rel: {} for p in plans}
     with ExitStack() as stack:
         files = {i: stack.enter_context(safe_open(snapshots[i].path, framework="pt")) for i in used}
@@ -340,6 +368,11 @@ def combine(snapshots: Sequence[Snapshot], plans: Sequence[Plan], progress: bool
             from tqdm import tqdm
             it = tqdm(names, desc="post-hoc EMA", unit="tensor")
         for n in it:
+            if n in copied:  # a buffer: the latest snapshot's, in fp32 when floating
+                v = files[used[-1]].get_tensor(f"{latest.sigma_rels[0]}/{n}")
+                for p in plans:
+                    out[p.sigma_rel][n] = v.float() if v.is_floating_point() else v
+                continue
             acc: list[torch.Tensor | None] = [None] * len(plans)
             for j, (i, s) in enumerate(profiles):
                 v = files[i].get_tensor(f"{s}/{n}")
@@ -425,12 +458,12 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"post-hoc EMA at step {plans[0].step} from {n_used} snapshots "
           f"(steps {snaps[0].step}..{max(s.step for s in snaps if s.step <= plans[0].step)}, "
           f"{len(plans[0].profiles)} profiles)")
-    print(f"{'sigma_rel':>9} {'gamma':>9} {'sum(x)':>9} {'|x|_1':>9} {'fit_err':>9}  file")
+    print(f"{'sigma_rel':>9} {'gamma':>9} {'lsq_sum':>9} {'|x|_1':>9} {'fit_err':>9}  file")
     for pl in plans:
         path = os.path.join(a.out_dir, f"phema_{pl.sigma_rel}.safetensors")
         save_exported(path, states[pl.sigma_rel], meta["model"], meta["diffusion"], step=pl.step,
                       ema=f"phema_{pl.sigma_rel}", extra=export_extra(meta))
-        print(f"{pl.sigma_rel:>9} {pl.gamma:9.3f} {pl.x.sum():9.5f} {np.abs(pl.x).sum():9.3f} "
+        print(f"{pl.sigma_rel:>9} {pl.gamma:9.3f} {pl.lsq_sum:9.5f} {np.abs(pl.x).sum():9.3f} "
               f"{pl.fit_error:9.2e}  {path}")
     return 0
 
