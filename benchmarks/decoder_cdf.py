@@ -41,7 +41,7 @@ def measure(model_path: str, data: str, num_images: int, batch_size: int, seed: 
     model, diffusion, meta = load_model(model_path, "cpu")
     g = torch.Generator().manual_seed(seed)
     exact, approx, n = [], [], 0
-    for x, y in EvalStream(data, batch_size):
+    for x, y, _ in EvalStream(data, batch_size):
         x = x[: num_images - n]
         t = torch.zeros(x.shape[0], dtype=torch.int64)
         x_t = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=g))

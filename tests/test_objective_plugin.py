@@ -141,6 +141,6 @@ def test_plugin_objective_trains_resumes_after_kill9_and_exports(tmp_path) -> No
     assert r.returncode == 0, r.stderr
     from trainer.export import load_exported
     model, diffusion_kwargs, meta = load_exported(out)
-    assert diffusion_kwargs == {} and meta["step"] == 16
+    assert diffusion_kwargs == {} and meta["step"] == 16 and meta["kind"] == PLUGIN  # no kind declared: its name
     for k, v in model.named_parameters():
         assert torch.equal(v.detach(), b[f"ema_0.9/{k}"]), k

@@ -394,7 +394,8 @@ class Trainer:
     def save(self) -> str:
         """Collective: a checkpoint of every component at the current step."""
         nets = {k: {"ema": n.ema, "export": n.export} for k, n in self.networks.items() if not n.frozen}
-        meta = {"objective": self.cfg.objective.name, "kind": self.objective.kind, **self.objective.export_config(),
+        meta = {"objective": self.cfg.objective.name, "kind": self.objective.kind or self.cfg.objective.name,
+                **self.objective.export_config(),
                 "ema_rates": self.cfg.ema_profiles(), "rollbacks": self.rollbacks,
                 **({"networks": nets} if list(nets) != [DEFAULT] else {})}
         return self.ckpt.save(self.step, engines=self.engines, emas=self.emas, objective=self.objective,

@@ -57,7 +57,7 @@ class Objective:
 
     Options: type | None = None  # a dataclass of configlib options, or None
     console: tuple[str, ...] = ()  # metric names printed on the console line after the loss
-    kind: str = "ddpm"  # how an exported file of this objective is sampled (the top-level "kind" of its JSON)
+    kind: str | None = None  # how an exported file is sampled (the top-level "kind" of its JSON); None: the name
     preview_network: str = DEFAULT  # the network whose EMA weights `preview` gets
 
     def __init__(self, cfg: Any) -> None:
