@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.cli import UsageError
-from trainer.networks import (FrozenNet, Network, check_networks, deepspeed_dir, frozen, frozen_mismatch,
+from trainer.networks import (CastNet, Network, check_networks, deepspeed_dir, frozen, frozen_mismatch,
                               frozen_record, prepare_frozen, weights_file)
 
 
@@ -60,7 +60,7 @@ def test_frozen_files_are_recorded_and_a_changed_one_is_named(tmp_path) -> None:
 def test_a_frozen_network_runs_in_the_runs_precision_without_gradients() -> None:
     n = frozen(lin(), None)
     fn = prepare_frozen(n, torch.device("cpu"), torch.bfloat16)
-    assert isinstance(fn, FrozenNet) and not n.module.training
+    assert isinstance(fn, CastNet) and not n.module.training
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in n.module.parameters())
     x = torch.randn(4, 3, requires_grad=True)
     out = fn(x)

@@ -9,8 +9,7 @@ checks that a guided model uses the same process). Logs loss and accuracy overal
 
 Its model section's image_size / num_classes / dropout / grad_checkpoint override the classifier preset; its
 diffusion section (steps, noise schedule) is the process the classifier is trained for. Export (trainer.export)
-writes the classifier's config with
-"kind": "encoder_classifier" and the diffusion it was trained for.
+writes the classifier's config with "kind": "encoder_classifier" and the diffusion it was trained for.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from data.cli import UsageError
 from diffusion import create_diffusion
 from diffusion.classifier import CLASSIFIER_PRESETS, get_classifier_config
 from trainer.configlib import option
-from trainer.unet_settings import NetOverrides, ProcessSection
+from trainer.unet_settings import NetOverrides, ProcessSection, preset_overrides
 from trainer.objective import Batch, Net, Objective, register_objective
 
 
@@ -41,10 +40,7 @@ class ClassifierOptions:
 
 def classifier_config_dict(m: NetOverrides, preset: str) -> dict[str, Any]:
     """The classifier configuration of a run: its preset with the model section's overrides."""
-    o: dict[str, Any] = {"use_checkpoint": m.grad_checkpoint}
-    for k in ("image_size", "num_classes", "dropout"):
-        if getattr(m, k) is not None:
-            o[k] = getattr(m, k)
+    o = preset_overrides(m)
     if o.get("num_classes") == 0:
         raise UsageError("objective.classifier.model.num_classes (--num-classes) 0: a classifier needs classes (>= 2)")
     return get_classifier_config(preset, **o).to_dict()

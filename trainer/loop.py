@@ -35,7 +35,7 @@ from trainer.dist import Launch, Watchdog, init
 from trainer.ema import EMA, PHEMA_PREFIX, local_master_shards, param_shapes
 from trainer.images import save_grid
 from trainer.metrics import MetricSums, reduce_metrics
-from trainer.networks import DEFAULT, Network, check_networks, frozen_mismatch, frozen_record, prepare_frozen
+from trainer.networks import DEFAULT, CastNet, Network, check_networks, frozen_mismatch, frozen_record, prepare_frozen
 from trainer.objective import Objective, get_objective
 from trainer.phema import write_snapshot
 from trainer.preemption import Preemption, request_requeue
@@ -86,6 +86,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _check_resume(self) -> None:
+        """Refuse a resume whose saved run differs; keep its config.json as `saved_config` ({} on a fresh start)."""
+        self.saved_config: dict = {}
         if self.cfg.objective.sampler_sync == "mpi":
             from mpi4py import MPI
             if MPI.COMM_WORLD.size != self.world or MPI.COMM_WORLD.rank != self.rank:
@@ -93,7 +95,7 @@ class Trainer:
                                  f"{MPI.COMM_WORLD.size} ranks, the job has {self.world}); use --sampler-sync torch")
         if not self.resume_from:
             return
-        saved = read_json(self.resume_from, "config.json")
+        saved = self.saved_config = read_json(self.resume_from, "config.json")
         if not isinstance(saved.get("objective"), dict):
             raise UsageError(f"{self.resume_from} was written by an older trainer (flat config.json); start a new "
                              f"--run-dir (its weights export with python -m trainer.export)")
@@ -113,7 +115,7 @@ class Trainer:
         self.networks = nets
         self.frozen_files = frozen_record(nets)
         if self.resume_from:
-            problem = frozen_mismatch(read_json(self.resume_from, "config.json").get("frozen", {}), self.frozen_files)
+            problem = frozen_mismatch(self.saved_config.get("frozen", {}), self.frozen_files)
             if problem:
                 raise UsageError(f"{self.cfg.run.run_dir}: {problem}")
         ema_nets = [k for k, n in nets.items() if n.ema and not n.frozen]
@@ -124,8 +126,8 @@ class Trainer:
         self.engines = {k: self._make_engine(n) for k, n in nets.items() if not n.frozen}
         self.primary = DEFAULT if DEFAULT in self.engines else next(iter(self.engines))  # its figures are train/*
         self.engine = self.engines[self.primary]
-        self.nets = {k: prepare_frozen(n, self.device, self.dtype) if n.frozen else self._engine_fn(self.engines[k])
-                     for k, n in nets.items()}
+        self.nets = {k: prepare_frozen(n, self.device, self.dtype) if n.frozen else
+                     CastNet(self.engines[k], self.dtype) for k, n in nets.items()}
         self.objective.nets = self.nets
 
     def _load(self, folder: str | None) -> None:
@@ -199,14 +201,6 @@ class Trainer:
 
     def _reset_timers(self, now: float) -> None:
         self.t_log, self.steps_since_log, self.wait_since_log, self.step_time_since_log = now, 0, 0.0, 0.0
-
-    def _engine_fn(self, engine):
-        """An engine as a function: inputs in the engine's dtype, outputs back in fp32."""
-        dtype = self.dtype
-
-        def net(x: torch.Tensor, *args, **kw) -> torch.Tensor:
-            return engine(x.to(dtype), *args, **kw).float()
-        return net
 
     def run_config(self) -> dict:
         """config.json: the settings, plus the frozen networks' files and sha256 (a resume refuses other files)."""

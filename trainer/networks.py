@@ -102,15 +102,15 @@ def frozen_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
-class FrozenNet:
-    """A frozen network as a function: inputs cast to its dtype, floating outputs back in fp32 (like a trained
-    network's engine)."""
+class CastNet:
+    """A network as the objectives call it: the first input cast to the run's dtype, a floating output back in fp32.
+    `fn`: a trained network's DeepSpeed engine, its plain module (trainer.step.Step.module) or a frozen module."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
-        self.module, self.dtype = module, dtype
+    def __init__(self, fn: Callable[..., Any], dtype: torch.dtype) -> None:
+        self.fn, self.dtype = fn, dtype
 
     def __call__(self, x: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
-        out = self.module(x.to(self.dtype), *args, **kw)
+        out = self.fn(x.to(self.dtype), *args, **kw)
         return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
@@ -119,4 +119,4 @@ def prepare_frozen(n: Network, device: torch.device, dtype: torch.dtype) -> Call
     n.module.to(device=device, dtype=dtype).eval()
     for p in n.module.parameters():
         p.requires_grad_(False)
-    return FrozenNet(n.module, dtype)
+    return CastNet(n.module, dtype)

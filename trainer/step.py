@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from trainer.networks import CastNet
+
 if TYPE_CHECKING:
     from trainer.loop import Trainer
 
@@ -55,11 +57,7 @@ class Step:
         backward; a backward that is not the engine's own (`torch.autograd.grad` for an input gradient such as R1's,
         or another network's loss, e.g. a generator's through the discriminator) must not pass through the engine's
         outputs: use this (ZeRO 0-2), together with `no_grad_for(name)` for another network's loss."""
-        module, dtype = self._t.engines[name].module, self._t.dtype
-
-        def net(x: torch.Tensor, *args, **kw) -> torch.Tensor:
-            return module(x.to(dtype), *args, **kw).float()
-        return net
+        return CastNet(self._t.engines[name].module, self._t.dtype)
 
     def engine(self, name: str):
         """The DeepSpeed engine of trained network `name` (to inspect it; training goes through backward/step)."""

@@ -60,12 +60,19 @@ class DiffusionSection(ProcessSection):
     learn_sigma: bool = option(True, "learn the reverse-process variance (output 2C channels)", frozen=True)
 
 
-def model_config_dict(m: UNetSection, learn_sigma: bool) -> dict[str, Any]:
-    """The UNet configuration of a run: its preset with the section's overrides (`diffusion.presets` dict)."""
-    o: dict[str, Any] = {"learn_sigma": learn_sigma, "use_checkpoint": m.grad_checkpoint}
+def preset_overrides(m: NetOverrides) -> dict[str, Any]:
+    """The keyword arguments a section's overrides give a preset's `replace` / `get_classifier_config`: gradient
+    checkpointing, and image_size / num_classes / dropout where set."""
+    o: dict[str, Any] = {"use_checkpoint": m.grad_checkpoint}
     for k in ("image_size", "num_classes", "dropout"):
         if getattr(m, k) is not None:
             o[k] = getattr(m, k)
+    return o
+
+
+def model_config_dict(m: UNetSection, learn_sigma: bool) -> dict[str, Any]:
+    """The UNet configuration of a run: its preset with the section's overrides (`diffusion.presets` dict)."""
+    o: dict[str, Any] = {"learn_sigma": learn_sigma, **preset_overrides(m)}
     if o.get("num_classes") == 0:
         o["num_classes"] = None
     return PRESETS[m.size].replace(**o).to_dict()
